@@ -1,0 +1,38 @@
+"""Exceptions shared by every part of the project.
+
+Every message says what was expected, what was found (file, line, value) and how to fix it, in one line, so a CLI
+can print ``str(error)`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class MatryoshkaError(Exception):
+    """Base class of the project's user-facing errors (bad input, bad options, bad model folders)."""
+
+
+class DataFormatError(MatryoshkaError, ValueError):
+    """A malformed line or value in an input file."""
+
+    def __init__(self, path: str | os.PathLike[str], line: int | None, problem: str, fix: str = "") -> None:
+        self.path, self.line, self.problem, self.fix = str(path), line, problem, fix
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {problem}" + (f" ({fix})" if fix else ""))
+
+
+class MissingInputError(MatryoshkaError, FileNotFoundError):
+    """A required file or folder does not exist."""
+
+    def __init__(self, path: str | os.PathLike[str], what: str, fix: str = "") -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path}: {what} not found" + (f" ({fix})" if fix else ""))
+
+
+class OptionError(MatryoshkaError, ValueError):
+    """An option outside its allowed range or set of values."""
+
+    def __init__(self, option: str, value: object, expected: str) -> None:
+        self.option, self.value = option, value
+        super().__init__(f"{option}={value!r} is invalid: expected {expected}")

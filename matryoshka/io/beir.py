@@ -1,0 +1,126 @@
+"""BEIR-layout data sets (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``) and their conversion to the
+files Pyserini reads (a JsonCollection folder, a TSV topics file, TREC qrels)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from matryoshka.errors import DataFormatError, MissingInputError
+from matryoshka.io.atomic import atomic_write
+from matryoshka.io.trec import Qrels, Topics, read_qrels, read_topics
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class Document:
+    docid: str
+    title: str
+    text: str
+
+    @property
+    def contents(self) -> str:
+        """The text indexed and reranked: title and body, as BEIR's flat Pyserini indexes do."""
+        return f"{self.title} {self.text}".strip() if self.title else self.text
+
+
+Corpus = dict[str, Document]
+
+
+def iter_corpus(path: PathLike) -> Iterator[tuple[int, Document]]:
+    p = Path(path)
+    if not p.is_file():
+        raise MissingInputError(p, "corpus file", "a BEIR folder needs corpus.jsonl")
+    with p.open(encoding="utf-8", errors="strict") as handle:
+        number = 0
+        try:
+            for number, line in enumerate(handle, start=1):  # noqa: B007 - number is used after the loop
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataFormatError(p, number, f"invalid JSON ({err.msg} at column {err.colno})") from None
+                if not isinstance(record, dict) or "_id" not in record:
+                    raise DataFormatError(p, number, "expected a JSON object with '_id', 'title' and 'text'")
+                docid = str(record["_id"]).strip()
+                if not docid or any(ch.isspace() for ch in docid):
+                    raise DataFormatError(p, number, f"document id {record['_id']!r} is empty or contains spaces")
+                yield number, Document(docid, str(record.get("title") or ""), str(record.get("text") or ""))
+        except UnicodeDecodeError as err:
+            raise DataFormatError(p, number + 1, f"not valid UTF-8 ({err.reason})", "re-encode as UTF-8") from None
+
+
+def load_corpus(path: PathLike) -> Corpus:
+    corpus: Corpus = {}
+    for number, doc in iter_corpus(path):
+        if doc.docid in corpus:
+            raise DataFormatError(path, number, f"document id {doc.docid!r} appears twice")
+        corpus[doc.docid] = doc
+    if not corpus:
+        raise DataFormatError(path, None, "corpus has no documents")
+    return corpus
+
+
+@dataclass
+class BeirDataset:
+    root: Path
+    corpus: Corpus
+    queries: Topics
+    qrels: Qrels
+    split: str
+
+    @property
+    def split_queries(self) -> Topics:
+        """The queries that have judgments in this split, in qrels order."""
+        return {qid: self.queries[qid] for qid in self.qrels}
+
+
+def available_splits(root: PathLike) -> list[str]:
+    return sorted(p.stem for p in (Path(root) / "qrels").glob("*.tsv"))
+
+
+def qrels_path(root: PathLike, split: str) -> Path:
+    path = Path(root) / "qrels" / f"{split}.tsv"
+    if not path.is_file():
+        splits = available_splits(root)
+        raise MissingInputError(path, f"qrels for split {split!r}",
+                                f"available splits: {', '.join(splits) if splits else 'none'}")
+    return path
+
+
+def load_beir(root: PathLike, split: str, corpus: bool = True) -> BeirDataset:
+    """Load a BEIR folder; checks that every judged query exists (and, with the corpus, every judged doc)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MissingInputError(root, "BEIR data folder", "expected a folder with corpus.jsonl, queries.jsonl, qrels/")
+    qpath = qrels_path(root, split)
+    qrels = read_qrels(qpath)
+    queries = read_topics(root / "queries.jsonl")
+    missing = [qid for qid in qrels if qid not in queries]
+    if missing:
+        raise DataFormatError(qpath, None, f"{len(missing)} judged queries are not in queries.jsonl, e.g. "
+                              f"{missing[0]!r}")
+    docs = load_corpus(root / "corpus.jsonl") if corpus else {}
+    if corpus:
+        for qid, judged in qrels.items():
+            for docid in judged:
+                if docid not in docs:
+                    raise DataFormatError(qpath, None, f"query {qid!r} judges document {docid!r}, which is not in "
+                                          "corpus.jsonl")
+    return BeirDataset(root, docs, queries, qrels, split)
+
+
+def write_jsonl_collection(corpus: Mapping[str, Document], out_dir: PathLike) -> Path:
+    """Write a Pyserini JsonCollection (``{"id", "contents"}`` per line) into ``out_dir/docs.jsonl`` atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "docs.jsonl"
+    with atomic_write(target) as handle:
+        for doc in corpus.values():
+            handle.write(json.dumps({"id": doc.docid, "contents": doc.contents}, ensure_ascii=False) + "\n")
+    return target
