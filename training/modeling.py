@@ -1,0 +1,279 @@
+"""The layer-wise (matryoshka) reranker: a Hugging Face backbone run layer by layer, with a scoring head per exit.
+
+Design (contracts in ARCHITECTURE.md):
+
+- One class for both families; what differs per architecture lives in :mod:`matryoshka.training.families`
+  (an adapter picked by ``model_type``), never in copies of this file.
+- The backbone's layer modules are called directly with an additive attention mask built here, so segment B can be
+  pooled between layers (:mod:`matryoshka.training.compression`) and any layer range ``[start, end)`` can be exported
+  as an ONNX stage. The state passed between stages is :class:`State`.
+- Each exit ``l`` has a head ``Linear(hidden, 1)`` (encoders: on [CLS], all heads start from one shared seeded
+  random init; decoders: on the final norm of the last token, initialised from the ``lm_head`` row of "Yes") and a
+  compensation (:class:`~matryoshka.training.compensation.ExitCompensation`, the identity until trained).
+- ``forward`` always returns an :class:`ExitScores` (raw and calibrated scores of every exit, ``[E, B]``),
+  whatever the arguments. ``compression=None`` means no compression; pass ``model.config.inference_compression``
+  for inference, or :meth:`LayerwiseReranker.sample_compression` for a training step.
+- A saved model is a folder: ``model.safetensors`` + ``tokenizer.json`` + ``matryoshka_config.json`` (which holds
+  the backbone's HF config, so loading needs no base model). Written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from matryoshka.training.compensation import ExitCompensation, record_compensation
+from matryoshka.training.compression import AttentionPoolScorer, compress_passage, sample_compression
+from matryoshka.training.config import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    Compression,
+    ModelConfigError,
+    RerankerConfig,
+    package_versions,
+)
+from matryoshka.training.families import FamilyAdapter, get_adapter
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from matryoshka.errors import DataFormatError, MissingInputError
+from matryoshka.io import atomic_directory
+from matryoshka.layout import PairLayout
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class State:
+    """What flows between stages: ``hidden_states [B,S,H]``, ``attention_mask [B,S]``, ``position_ids [B,S]``."""
+
+    hidden_states: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+
+
+@dataclass
+class ExitScores:
+    """Scores of every exit, in exit order: ``raw`` (head only) and ``calibrated`` (after compensation), ``[E, B]``."""
+
+    exits: tuple[int, ...]
+    raw: Tensor
+    calibrated: Tensor
+
+    def index(self, exit_layer: int) -> int:
+        if exit_layer not in self.exits:
+            raise ModelConfigError(f"exit_layer={exit_layer} is not an exit: expected one of {list(self.exits)}")
+        return self.exits.index(exit_layer)
+
+    def raw_at(self, exit_layer: int) -> Tensor:
+        return self.raw[self.index(exit_layer)]
+
+    def calibrated_at(self, exit_layer: int) -> Tensor:
+        return self.calibrated[self.index(exit_layer)]
+
+
+class LayerwiseReranker(nn.Module):
+    """See the module docstring. Build with :meth:`build` (from a base model) or :meth:`load` (a saved folder)."""
+
+    def __init__(self, config: RerankerConfig, backbone: nn.Module, tokenizer: Any = None) -> None:
+        super().__init__()
+        self.config = config
+        self.adapter: FamilyAdapter = get_adapter(config.model_type)
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        hidden = config.hidden_size
+        self.heads = nn.ModuleDict({str(e): nn.Linear(hidden, 1) for e in config.exits})
+        self.compensation = nn.ModuleDict({str(e): ExitCompensation(hidden, config.adapter_hidden)
+                                           for e in config.exits})
+        self.compress_scorer = AttentionPoolScorer(hidden) if config.compress_method == "attention" else None
+        self.layout: PairLayout = config.pair_layout()
+        self._checkpointing = False
+
+    # ------------------------------------------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, base_model_dir: str | os.PathLike[str], exits: list[int] | tuple[int, ...] | None = None,
+              start_layer: int | None = None, compress_layers: tuple[int, ...] | list[int] = (),
+              compress_ratios: tuple[int, ...] | list[int] = (), compress_method: str = "mean",
+              max_length: int = 256, query_length: int = 32,
+              inference_compression: Compression | dict[str, int] | None = None, adapter_hidden: int = 64,
+              gguf_file: str | None = None, seed: int = 0) -> LayerwiseReranker:
+        """A new reranker on the base model in ``base_model_dir`` (HF folder, or a folder with one GGUF file).
+
+        ``exits``: ascending 1-based layers ending at the last layer. When omitted: every layer from
+        ``start_layer`` on if given, otherwise the thirds ``[L//3, 2L//3, L]``. Heads are seeded with ``seed``.
+        """
+        from matryoshka.training.loading import default_exits, load_base
+
+        base = load_base(base_model_dir, gguf_file)
+        num_layers = int(base.hf_config.num_hidden_layers)
+        exits = tuple(exits) if exits is not None else default_exits(num_layers, start_layer)
+        layout = base.make_layout(max_length, query_length, tuple(compress_ratios))
+        config = RerankerConfig(
+            family=base.adapter.family, model_type=base.model_type, base_model=base.name, num_layers=num_layers,
+            hidden_size=int(base.hf_config.hidden_size), exits=exits, layout=layout.to_dict(),
+            backbone_config=base.backbone_config_dict(), compress_layers=tuple(compress_layers),
+            compress_ratios=tuple(compress_ratios), compress_method=compress_method,
+            inference_compression=inference_compression, yes_token_id=base.yes_token_id,
+            adapter_hidden=adapter_hidden, versions=package_versions())
+        if config.family == "decoder":
+            window = getattr(base.hf_config, "sliding_window", None)
+            if window is not None and max_length > int(window):
+                raise ModelConfigError(f"max_length={max_length} is invalid for {base.model_type} with sliding_window="
+                                       f"{window}: expected max_length <= {window}")
+        model = cls(config, base.backbone, base.tokenizer)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            if base.yes_row is not None:
+                weight, bias = base.yes_row.reshape(1, -1).float(), torch.zeros(1)
+            else:
+                std = float(getattr(base.hf_config, "initializer_range", 0.02))
+                weight = torch.randn(1, config.hidden_size, generator=generator) * std
+                bias = torch.zeros(1)
+            for head in model.heads.values():
+                head.weight.copy_(weight)
+                head.bias.copy_(bias)
+        record_compensation(model)
+        logger.info("built %s reranker on %s: %d layers, exits %s", config.family, config.base_model, num_layers,
+                    list(config.exits))
+        return model
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str], device: str | torch.device = "cpu") -> LayerwiseReranker:
+        """Load a folder written by :meth:`save` (clear errors on missing or mismatched files)."""
+        from matryoshka.training.loading import backbone_from_config
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        config = RerankerConfig.load(folder)
+        weights, tok_path = folder / WEIGHTS_FILE, folder / TOKENIZER_FILE
+        for path, what in ((weights, "model weights"), (tok_path, "tokenizer")):
+            if not path.is_file():
+                raise MissingInputError(path, what, "expected a folder written by LayerwiseReranker.save")
+        tokenizer = Tokenizer.from_file(str(tok_path))
+        model = cls(config, backbone_from_config(config), tokenizer)
+        try:
+            state = load_file(str(weights), device=str(device))
+        except (SafetensorError, OSError) as exc:
+            raise DataFormatError(weights, None, f"cannot read safetensors weights ({exc})", "re-save the model") from None
+        missing, unexpected = _compare_keys(model.state_dict(), state)
+        if missing or unexpected:
+            raise DataFormatError(weights, None, f"weights do not match {CONFIG_FILE}: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}", "re-save the model with LayerwiseReranker.save")
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise DataFormatError(weights, None, f"weights do not fit {CONFIG_FILE}: {str(exc).splitlines()[0]}",
+                                  "re-save the model with LayerwiseReranker.save") from None
+        return model.to(device)
+
+    def save(self, folder: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """Write ``model.safetensors``, ``tokenizer.json`` and ``matryoshka_config.json`` atomically into ``folder``."""
+        from safetensors.torch import save_file
+
+        if self.tokenizer is None:
+            raise ModelConfigError("this model has no tokenizer: expected one from build() or load()")
+        record_compensation(self)
+        self.config.versions = package_versions()
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_directory(folder, overwrite=overwrite) as tmp:
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            self.tokenizer.save(str(tmp / TOKENIZER_FILE))
+            self.config.save(tmp)
+        logger.info("saved reranker to %s", folder)
+        return Path(folder)
+
+    # ------------------------------------------------------------------------------------------------ training aids
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each layer in the backward pass (our own wrapper around the layer loop)."""
+        self._checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._checkpointing = False
+
+    def sample_compression(self, generator: torch.Generator, include_uncompressed: bool = False
+                           ) -> Compression | None:
+        """A random trained (layer, ratio) for one training step, drawn from the caller's seeded generator."""
+        return sample_compression(self.config.compress_layers, self.config.compress_ratios, generator,
+                                  include_uncompressed)
+
+    # ------------------------------------------------------------------------------------------------ stages
+    def embed(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
+              position_ids: Tensor | None = None) -> State:
+        hidden, positions = self.adapter.embed(self.backbone, input_ids, attention_mask, token_type_ids,
+                                               position_ids)
+        return State(hidden, attention_mask, positions)
+
+    def run_layers(self, state: State, start: int, end: int, compression: Compression | None = None) -> State:
+        """Run 0-based layers ``[start, end)``; pool segment B right after layer ``compression.layer`` (1-based)
+        when it lies in ``(start, end]``."""
+        if not 0 <= start < end <= self.config.num_layers:
+            raise ModelConfigError(f"layer range [{start}, {end}) is invalid: expected 0 <= start < end <= "
+                                   f"{self.config.num_layers}")
+        if compression is not None and compression.layer >= self.config.num_layers:
+            raise ModelConfigError(f"compression layer={compression.layer} is invalid: expected 1.."
+                                   f"{self.config.num_layers - 1}")
+        hidden, mask, positions = state.hidden_states, state.attention_mask, state.position_ids
+        layers = self.adapter.layers(self.backbone)
+        bias = self.adapter.attention_bias(mask, hidden.dtype)
+        context = self.adapter.layer_context(self.backbone, hidden, positions)
+        for index in range(start, end):
+            hidden = self._call_layer(layers[index], hidden, bias, positions, context)
+            if compression is not None and compression.layer == index + 1:
+                hidden, mask, positions = compress_passage(
+                    hidden, mask, positions, query_length=self.layout.query_length,
+                    suffix_length=self.layout.suffix_length, ratio=compression.ratio,
+                    method=self.config.compress_method, scorer=self.compress_scorer)
+                bias = self.adapter.attention_bias(mask, hidden.dtype)
+                context = self.adapter.layer_context(self.backbone, hidden, positions)
+        return State(hidden, mask, positions)
+
+    def _call_layer(self, layer: nn.Module, hidden: Tensor, bias: Tensor, positions: Tensor,
+                    context: dict[str, Any]) -> Tensor:
+        run = partial(self.adapter.call_layer, layer, bias=bias, position_ids=positions, context=context)
+        if self._checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(run, hidden, use_reentrant=False)
+        return run(hidden)
+
+    def exit_hidden(self, state: State) -> Tensor:
+        """The ``[B, H]`` vector the exit heads read ([CLS], or the final norm of the last token)."""
+        return self.adapter.exit_hidden(self.backbone, state.hidden_states)
+
+    def exit_score(self, state: State, exit_layer: int, calibrated: bool = True) -> Tensor:
+        """The ``[B]`` score of exit ``exit_layer`` (1-based; ``state`` must be the output of that layer)."""
+        raw, compensated = self._scores(self.exit_hidden(state), exit_layer)
+        return compensated if calibrated else raw
+
+    def _scores(self, hidden: Tensor, exit_layer: int) -> tuple[Tensor, Tensor]:
+        key = str(exit_layer)
+        if key not in self.heads:
+            raise ModelConfigError(f"exit_layer={exit_layer} is not an exit: expected one of {list(self.config.exits)}")
+        raw = self.heads[key](hidden).squeeze(-1)
+        return raw, self.compensation[key](hidden, raw)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
+                position_ids: Tensor | None = None, compression: Compression | None = None) -> ExitScores:
+        """Scores of every exit for a batch built by the model's :class:`PairLayout` (``compression=None``: none)."""
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise ModelConfigError(f"input_ids {tuple(input_ids.shape)} / attention_mask "
+                                   f"{tuple(attention_mask.shape)} are invalid: expected two equal [batch, seq] shapes")
+        state = self.embed(input_ids, attention_mask, token_type_ids, position_ids)
+        raws, calibrated, start = [], [], 0
+        for exit_layer in self.config.exits:
+            state = self.run_layers(state, start, exit_layer, compression)
+            raw, comp = self._scores(self.exit_hidden(state), exit_layer)
+            raws.append(raw)
+            calibrated.append(comp)
+            start = exit_layer
+        return ExitScores(tuple(self.config.exits), torch.stack(raws), torch.stack(calibrated))
+
+
+def _compare_keys(expected: dict[str, Tensor], found: dict[str, Tensor]) -> tuple[list[str], list[str]]:
+    return sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
