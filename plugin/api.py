@@ -1,0 +1,217 @@
+"""Python API, in the spirit of sentence-transformers' ``CrossEncoder``::
+
+    from matryoshka.plugin.api import MatryoshkaReranker
+    reranker = MatryoshkaReranker("path/to/model", policy="candidate", threshold=0.95)
+    reranker.predict([("query", "passage one"), ("query", "passage two")])   # np.ndarray of scores
+    reranker.rank("query", ["passage one", "passage two"], top_k=1)           # [{"corpus_id": 1, "score": ...}]
+    reranker.rerank_run(run, topics, corpus.get)                              # {qid: {docid: score}}
+    print(reranker.stats.summary())
+
+Scores of candidates that exit early are compensated onto the final exit's scale, so one query's scores are
+comparable whatever exit each candidate took.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matryoshka.plugin.cascade import Cascade, CascadeResult
+from matryoshka.plugin.manifest import MANIFEST_NAME
+from matryoshka.plugin.policies import DEFAULT_TOP_K, make_policy
+from matryoshka.plugin.stats import RunStats
+from tqdm import tqdm
+
+from matryoshka.errors import MatryoshkaError, MissingInputError, OptionError
+from matryoshka.io.trec import Run, RunEntry, sort_hits
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+MAX_CANDIDATES_PER_CALL = 1024
+
+RunLike = Run | Mapping[str, Mapping[str, float] | Sequence[Any]]
+Lookup = Callable[[str], str | None] | Mapping[str, str] | Any
+
+
+class NoDefaultModelError(MissingInputError):
+    """No model folder was given and no default model is bundled."""
+
+
+class InputTextError(MatryoshkaError):
+    """A query or passage that cannot be scored (empty query, not a string, not encodable as UTF-8)."""
+
+
+class MissingDocumentError(MatryoshkaError):
+    def __init__(self, qid: str, docid: str, source: str) -> None:
+        self.qid, self.docid = qid, docid
+        super().__init__(f"document {docid!r} (query {qid!r}) is not in {source} (pass the index/corpus the run "
+                         "was retrieved from)")
+
+
+class MissingTopicError(MatryoshkaError):
+    def __init__(self, qid: str) -> None:
+        self.qid = qid
+        super().__init__(f"query {qid!r} of the run is not in the topics (pass the topics the run was made from)")
+
+
+def resolve_model_dir(model_dir: str | os.PathLike[str] | None) -> Path:
+    if model_dir is not None:
+        return Path(model_dir)
+    if not (DEFAULT_MODEL_DIR / MANIFEST_NAME).is_file():
+        raise NoDefaultModelError(DEFAULT_MODEL_DIR / MANIFEST_NAME, "bundled default model",
+                                  "no default model is installed; pass an exported model folder: "
+                                  "--matryoshka.model DIR (Pyserini), --model DIR (python -m matryoshka rerank) or "
+                                  "MatryoshkaReranker(model_dir=DIR)")
+    return DEFAULT_MODEL_DIR
+
+
+def check_text(text: object, what: str, allow_empty: bool) -> str:
+    if not isinstance(text, str):
+        raise InputTextError(f"{what} is {type(text).__name__}, expected a string")
+    if not allow_empty and not text.strip():
+        raise InputTextError(f"{what} is empty (expected a non-empty query text)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputTextError(f"{what} is not valid Unicode ({err.reason} at character {err.start}); fix the "
+                             "source text's encoding") from None
+    return text
+
+
+def lookup_function(lookup: Lookup) -> tuple[Callable[[str], str | None], str]:
+    """A ``docid -> text or None`` function (and a description) from a mapping, a callable or a DocumentSource."""
+    if hasattr(lookup, "text") and hasattr(lookup, "describe"):
+        return lookup.text, lookup.describe()
+    if isinstance(lookup, Mapping):
+        return lookup.get, "the document lookup"
+    if callable(lookup):
+        return lookup, "the document lookup"
+    raise TypeError(f"doc_text_lookup must be a mapping, a callable or a DocumentSource, got {type(lookup).__name__}")
+
+
+def ranked_docids(hits: Mapping[str, float] | Sequence[Any]) -> list[str]:
+    """The candidates of one query in ranked order: (-score, docid) for scored hits, given order for bare ids."""
+    if isinstance(hits, Mapping):
+        return [d for d, _ in sort_hits(hits)]
+    items = list(hits)
+    if items and isinstance(items[0], RunEntry):
+        return [d for d, _ in sort_hits((e.docid, e.score) for e in items)]
+    if items and isinstance(items[0], tuple | list):
+        return [d for d, _ in sort_hits((str(d), float(s)) for d, s in items)]
+    return [str(d) for d in items]
+
+
+class MatryoshkaReranker:
+    def __init__(self, model_dir: str | os.PathLike[str] | None = None, policy: str = "candidate",
+                 threshold: float | None = None, providers: str | Sequence[str] | None = None,
+                 threads: int | None = None, batch_size: int = 32, precision: str | None = None,
+                 top_k: int = DEFAULT_TOP_K, exit_layer: int | None = None, verify: bool = True) -> None:
+        self.model_dir = resolve_model_dir(model_dir)
+        self.cascade = Cascade(self.model_dir, precision=precision, providers=providers, threads=threads,
+                               batch_size=batch_size, verify=verify)
+        manifest = self.cascade.manifest
+        self.policy = make_policy(policy, threshold, manifest.exits, manifest.policy.threshold, top_k, exit_layer)
+        self.stats = RunStats(manifest.exits, self.cascade.cumulative_cost, self.policy.describe())
+        self.last_result: CascadeResult | None = None
+
+    @property
+    def exits(self) -> tuple[int, ...]:
+        return self.cascade.exits
+
+    def reset_stats(self) -> None:
+        self.stats = RunStats(self.exits, self.cascade.cumulative_cost, self.policy.describe())
+
+    def _score(self, queries: list[str], passages: list[str], groups: np.ndarray, n_queries: int) -> CascadeResult:
+        start = time.perf_counter()
+        result = self.cascade.run(queries, passages, self.policy, groups)
+        self.stats.add(result.exit_stage, time.perf_counter() - start, n_queries, result.truncated)
+        self.last_result = result
+        return result
+
+    def predict(self, pairs: Iterable[Sequence[str]]) -> np.ndarray:
+        """Scores (float64) of ``(query, passage)`` pairs, in order. Pairs with the same query text form one group
+        for the ``query`` and ``topk`` policies."""
+        queries, passages = [], []
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, Sequence) or isinstance(pair, str) or len(pair) != 2:
+                raise InputTextError(f"pair {i} is {pair!r}, expected (query, passage)")
+            queries.append(check_text(pair[0], f"pair {i}: query", allow_empty=False))
+            passages.append(check_text(pair[1], f"pair {i}: passage", allow_empty=True))
+        codes = {q: k for k, q in enumerate(dict.fromkeys(queries))}
+        groups = np.array([codes[q] for q in queries], dtype=np.int64)
+        scores = np.empty(len(queries), dtype=np.float64)
+        stages = np.empty(len(queries), dtype=np.int64)
+        order = np.argsort(groups, kind="stable")
+        start = 0
+        while start < len(order):  # chunks of whole groups, so the group policies see a query's candidates at once
+            end = start + 1
+            while end < len(order) and (end - start < MAX_CANDIDATES_PER_CALL or
+                                        groups[order[end]] == groups[order[end - 1]]):
+                end += 1
+            rows = order[start:end]
+            result = self._score([queries[i] for i in rows], [passages[i] for i in rows], groups[rows],
+                                 len(set(groups[rows].tolist())))
+            scores[rows], stages[rows] = result.scores, result.exit_stage
+            start = end
+        if len(order) > MAX_CANDIDATES_PER_CALL:
+            self.last_result = CascadeResult(scores, stages, np.asarray(self.exits)[stages])
+        return scores
+
+    def rank(self, query: str, documents: Sequence[str], top_k: int | None = None,
+             return_documents: bool = False) -> list[dict[str, Any]]:
+        """Documents sorted by descending score (ties: lower index first): ``[{"corpus_id", "score"[, "text"]}]``."""
+        check_text(query, "query", allow_empty=False)
+        docs = [check_text(d, f"document {i}", allow_empty=True) for i, d in enumerate(documents)]
+        if not docs:
+            return []
+        result = self._score([query] * len(docs), docs, np.zeros(len(docs), dtype=np.int64), 1)
+        order = sorted(range(len(docs)), key=lambda i: (-result.scores[i], i))
+        ranked = [{"corpus_id": i, "score": float(result.scores[i]), **({"text": docs[i]} if return_documents else {})}
+                  for i in order]
+        return ranked[:top_k] if top_k is not None else ranked
+
+    def rerank_query(self, query: str, docids: Sequence[str], texts: Sequence[str], depth: int | None = None
+                     ) -> dict[str, float]:
+        """Rerank one query's ranked candidates; those below ``depth`` keep their order under the reranked ones
+        (their scores become ``min(reranked) - 1 - i``)."""
+        head = list(docids if depth is None else docids[:depth])
+        tail = [] if depth is None else list(docids[depth:])
+        out: dict[str, float] = {}
+        if head:
+            result = self._score([query] * len(head), list(texts[: len(head)]), np.zeros(len(head), np.int64), 1)
+            out = {d: float(s) for d, s in zip(head, result.scores, strict=True)}
+        floor = min(out.values()) if out else 0.0
+        for i, docid in enumerate(tail):
+            out[docid] = floor - 1.0 - i
+        return out
+
+    def rerank_run(self, run: RunLike, topics: Mapping[str, str], doc_text_lookup: Lookup,
+                   depth: int | None = None, progress: bool = False) -> dict[str, dict[str, float]]:
+        """Rerank every query of a run (``Run``, ``{qid: {docid: score}}`` or ``{qid: [docid, ...]}`` in ranked
+        order) and return ``{qid: {docid: score}}`` in the run's query order. Only the top ``depth`` candidates of
+        each query are scored (all when None); the text of those is fetched with ``doc_text_lookup``."""
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+            raise OptionError("depth", depth, "an integer >= 1")
+        queries = run.queries if isinstance(run, Run) else run
+        lookup, source = lookup_function(doc_text_lookup)
+        missing = [qid for qid in queries if qid not in topics]
+        if missing:
+            raise MissingTopicError(missing[0])
+        reranked: dict[str, dict[str, float]] = {}
+        for qid in tqdm(list(queries), desc="matryoshka rerank", unit="query", disable=not progress):
+            query = check_text(topics[qid], f"query {qid!r}", allow_empty=False)
+            docids = ranked_docids(queries[qid])
+            texts = []
+            for docid in docids[:depth] if depth is not None else docids:
+                text = lookup(docid)
+                if text is None:
+                    raise MissingDocumentError(qid, docid, source)
+                texts.append(check_text(text, f"document {docid!r}", allow_empty=True))
+            reranked[qid] = self.rerank_query(query, docids, texts, depth)
+        return reranked

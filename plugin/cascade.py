@@ -1,0 +1,206 @@
+"""The cascade runtime: an exported model folder run stage by stage, with confident candidates stopping early.
+
+For one call (usually one query's candidates) the cascade
+
+1. tokenizes the pairs with the manifest's ``tokenizer.json`` (unique queries once) and sorts them by passage
+   length, so a batch pads little; batches are assembled by the model's :class:`~matryoshka.layout.PairLayout`
+   (queries cut to the layout's query budget, passages to ``max_length - query_length - suffix`` tokens: the
+   documented truncation of over-long passages);
+2. runs stage 1 on every candidate, computes the exit's compensated score ``s'`` and asks the policy which
+   candidates stop; those keep ``s'`` as their final score;
+3. feeds only the remaining rows' ``hidden_states`` / ``attention_mask`` / ``position_ids`` to the next stage (the
+   batches shrink; survivors with the same sequence length are merged and re-chunked to ``batch_size``), until the
+   last stage, where everyone stops.
+
+Results come back in the caller's order. Scores of every exit are on the final exit's scale (compensation trained
+in the graph, or applied here from the manifest when ``calibration.in_graph`` is false).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matryoshka.plugin.manifest import (
+    FIRST_STAGE_INPUTS,
+    STAGE_OUTPUTS,
+    STATE_INPUTS,
+    Manifest,
+    ManifestError,
+    load_manifest,
+)
+from matryoshka.plugin.policies import ExitPolicy, StageView
+from matryoshka.plugin.session import StageSession, check_threads, open_stage, resolve_providers
+from tokenizers import Tokenizer
+
+from matryoshka.errors import MatryoshkaError, OptionError
+from matryoshka.layout import PairLayout, prepare_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class StageOutputError(MatryoshkaError):
+    """A stage returned scores of the wrong shape or non-finite values."""
+
+
+@dataclass(frozen=True)
+class CascadeResult:
+    """Per candidate, in the caller's order: final score, 0-based exit stage and exit layer."""
+
+    scores: np.ndarray
+    exit_stage: np.ndarray
+    exit_layer: np.ndarray
+    truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+@dataclass
+class _Batch:
+    rows: np.ndarray
+    feeds: dict[str, np.ndarray]
+
+
+def check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise OptionError("batch_size", batch_size, "an integer >= 1")
+    return batch_size
+
+
+class Cascade:
+    """The stages of one exported model folder, opened once, run for any number of calls."""
+
+    def __init__(self, folder: str | os.PathLike[str], precision: str | None = None,
+                 providers: str | Sequence[str] | None = None, threads: int | None = None, batch_size: int = 32,
+                 verify: bool = True) -> None:
+        self.folder = Path(folder)
+        self.batch_size = check_batch_size(batch_size)
+        threads = check_threads(threads)
+        unverified = load_manifest(self.folder, verify=False)
+        self.precision = precision or unverified.default_precision
+        if self.precision not in unverified.precisions:
+            raise OptionError("precision", self.precision, f"one of this model's precisions "
+                              f"{', '.join(unverified.precisions)}")
+        self.manifest: Manifest = load_manifest(self.folder, verify=verify, precisions=[self.precision])
+        self.layout: PairLayout = self.manifest.pair_layout()
+        tokenizer_path = self.folder / self.manifest.tokenizer.file
+        try:
+            self.tokenizer = prepare_tokenizer(Tokenizer.from_file(str(tokenizer_path)))
+        except Exception as err:  # noqa: BLE001 - the Rust tokenizers library raises a bare Exception
+            raise ManifestError(tokenizer_path, f"not a loadable tokenizer.json ({err})") from None
+        self.providers = resolve_providers(providers)
+        paths = self.manifest.stage_paths(self.folder, self.precision)
+        last = len(paths) - 1
+        self.stages: list[StageSession] = [
+            open_stage(path, self.providers, threads, FIRST_STAGE_INPUTS if k == 0 else STATE_INPUTS, STAGE_OUTPUTS,
+                       fetch=["score"] if k == last else None)
+            for k, path in enumerate(paths)]
+        costs = np.array([stage.relative_cost for stage in self.manifest.stages], dtype=np.float64)
+        #: fraction of the full model's cost spent by a candidate that exits at stage k
+        self.cumulative_cost = np.cumsum(costs) / costs.sum()
+        self.exits = self.manifest.exits
+        logger.info("loaded %s: exits %s, precision %s, providers %s", self.folder, list(self.exits), self.precision,
+                    ",".join(self.providers))
+
+    # ------------------------------------------------------------------------------------------- tokenization
+    def tokenize(self, queries: Sequence[str], passages: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+        unique = list(dict.fromkeys(queries))
+        encoded = {q: e.ids for q, e in zip(unique, self.tokenizer.encode_batch(unique, add_special_tokens=False),
+                                            strict=True)}
+        passage_ids = [e.ids for e in self.tokenizer.encode_batch(list(passages), add_special_tokens=False)]
+        return [encoded[q] for q in queries], passage_ids
+
+    def _first_feeds(self, rows: np.ndarray, q_ids: list[list[int]], p_ids: list[list[int]]) -> dict[str, np.ndarray]:
+        feeds = self.layout.assemble([q_ids[i] for i in rows], [p_ids[i] for i in rows])
+        if "position_ids" not in feeds:  # encoders: absolute positions 0..S-1 (what the model uses by default)
+            shape = feeds["input_ids"].shape
+            feeds["position_ids"] = np.broadcast_to(np.arange(shape[1], dtype=np.int64), shape).copy()
+        return feeds
+
+    # ------------------------------------------------------------------------------------------- running
+    def _calibrate(self, k: int, scores: np.ndarray) -> np.ndarray:
+        if self.manifest.calibration.in_graph:
+            return scores
+        cal = self.manifest.exit_calibration(self.exits[k])
+        return cal.scale * scores + cal.bias
+
+    def _chunks(self, rows: np.ndarray) -> list[np.ndarray]:
+        return [rows[i: i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+
+    def run(self, queries: Sequence[str], passages: Sequence[str], policy: ExitPolicy,
+            groups: Sequence[int] | np.ndarray | None = None) -> CascadeResult:
+        """Score ``(queries[i], passages[i])`` pairs. ``groups`` (default: all one group) tells the ``query`` and
+        ``topk`` policies which candidates belong to the same query."""
+        n = len(queries)
+        if len(passages) != n:
+            raise ValueError(f"got {n} queries but {len(passages)} passages")
+        group_ids = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)
+        if group_ids.shape != (n,):
+            raise ValueError(f"groups has shape {group_ids.shape}, expected ({n},)")
+        final = np.full(n, np.nan, dtype=np.float64)
+        exit_stage = np.full(n, -1, dtype=np.int64)
+        if n == 0:
+            return CascadeResult(final, exit_stage, exit_stage.copy())
+        q_ids, p_ids = self.tokenize(queries, passages)
+        budget = self.layout.passage_budget
+        truncated = sum(len(p) > budget for p in p_ids)
+        lengths = np.array([min(len(p), budget) for p in p_ids])
+        order = np.argsort(-lengths, kind="stable")
+        pending = [_Batch(rows, self._first_feeds(rows, q_ids, p_ids)) for rows in self._chunks(order)]
+        current = np.full(n, np.nan, dtype=np.float64)
+        last = len(self.stages) - 1
+        for k, stage in enumerate(self.stages):
+            produced = []
+            for batch in pending:
+                out = stage.run(batch.feeds)
+                score = np.asarray(out["score"], dtype=np.float64).reshape(-1)
+                if score.shape != (len(batch.rows),):
+                    raise StageOutputError(f"{stage.path}: output 'score' has {score.size} values for a batch of "
+                                           f"{len(batch.rows)} (expected shape [batch]); re-export the model")
+                current[batch.rows] = self._calibrate(k, score)
+                produced.append((batch.rows, out))
+            alive = np.concatenate([rows for rows, _ in produced])
+            bad = alive[~np.isfinite(current[alive])]
+            if bad.size:
+                raise StageOutputError(f"{stage.path}: stage {k + 1} gave non-finite scores for {bad.size} of "
+                                       f"{alive.size} candidates; the model folder is broken (re-export it)")
+            if k == last:
+                leaving = np.ones(len(alive), dtype=bool)
+            else:
+                view = StageView(k, self.exits[k], self.manifest.exit_calibration(self.exits[k]).residual_std,
+                                 alive, current.copy(), group_ids)
+                leaving = policy.decide(view)
+            exited = alive[leaving]
+            final[exited] = current[exited]
+            exit_stage[exited] = k
+            if k == last or leaving.all():
+                break
+            pending = self._survivors(produced, leaving_rows=set(exited.tolist()))
+        if np.isnan(final).any():
+            raise RuntimeError("cascade ended with unscored candidates")  # an internal invariant, not user input
+        exit_layer = np.asarray(self.exits, dtype=np.int64)[exit_stage]
+        return CascadeResult(final, exit_stage, exit_layer, int(truncated))
+
+    def _survivors(self, produced: list[tuple[np.ndarray, dict[str, np.ndarray]]], leaving_rows: set[int]
+                   ) -> list[_Batch]:
+        """The next stage's batches: surviving rows of each batch, merged by sequence length, re-chunked."""
+        by_length: dict[int, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {}
+        for rows, out in produced:
+            keep = np.array([int(r) not in leaving_rows for r in rows], dtype=bool)
+            if not keep.any():
+                continue
+            state = {name: out[f"{name}_out"][keep] for name in STATE_INPUTS}
+            by_length.setdefault(state["hidden_states"].shape[1], []).append((rows[keep], state))
+        batches = []
+        for parts in by_length.values():
+            rows = np.concatenate([r for r, _ in parts])
+            state = {name: np.concatenate([s[name] for _, s in parts]) for name in STATE_INPUTS}
+            for start in range(0, len(rows), self.batch_size):
+                end = start + self.batch_size
+                batches.append(_Batch(rows[start:end], {name: value[start:end] for name, value in state.items()}))
+        return batches

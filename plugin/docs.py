@@ -1,0 +1,132 @@
+"""Passage text by document id: from a Lucene index that stores raw documents, or from a corpus file.
+
+Lucene (``LuceneIndexDocs``): ``LuceneSearcher(index).doc(docid).raw()``; a raw JSON object gives its
+``"contents"`` (Pyserini's JsonCollection), else ``"title" + " " + "text"`` (BEIR); raw text that is not JSON is
+used as is. Pyserini (and the JVM) is imported only when this source is used.
+
+Corpus (``CorpusDocs``): a BEIR ``corpus.jsonl`` (``_id``, ``title``, ``text``) or a Pyserini JsonCollection
+(``id``, ``contents``) JSON-lines file, or a folder holding ``corpus.jsonl`` or ``*.jsonl`` files. Read strictly:
+invalid JSON, a record without an id or text, a duplicate id or non-UTF-8 bytes stop with the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+from matryoshka.errors import DataFormatError, MissingInputError
+
+logger = logging.getLogger(__name__)
+
+
+class DocumentSource(Protocol):
+    def text(self, docid: str) -> str | None:
+        """The passage text of ``docid``; None when the source does not have it."""
+
+    def describe(self) -> str: ...
+
+
+def text_of_record(record: object) -> str | None:
+    """Passage text of a parsed JSON document: ``contents``, else ``title`` + ``text``; None if neither."""
+    if not isinstance(record, dict):
+        return None
+    if "contents" in record:
+        return str(record["contents"] or "")
+    if "text" in record or "title" in record:
+        title, text = str(record.get("title") or ""), str(record.get("text") or "")
+        return f"{title} {text}".strip() if title else text
+    return None
+
+
+class CorpusDocs:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        files = self._files(self.path)
+        self.docs: dict[str, str] = {}
+        for file in files:
+            self._read(file)
+        if not self.docs:
+            raise DataFormatError(self.path, None, "corpus has no documents")
+        logger.info("read %d documents from %s", len(self.docs), self.path)
+
+    @staticmethod
+    def _files(path: Path) -> list[Path]:
+        if path.is_file():
+            return [path]
+        if path.is_dir():
+            if (path / "corpus.jsonl").is_file():
+                return [path / "corpus.jsonl"]
+            found = sorted(path.glob("*.jsonl"))
+            if found:
+                return found
+            raise MissingInputError(path / "corpus.jsonl", "corpus file", "expected corpus.jsonl or *.jsonl files")
+        raise MissingInputError(path, "corpus file", "pass a BEIR corpus.jsonl or a JsonCollection .jsonl")
+
+    def _read(self, file: Path) -> None:
+        number = 0
+        try:
+            with file.open(encoding="utf-8", errors="strict") as handle:
+                for number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise DataFormatError(file, number, f"invalid JSON ({err.msg} at column {err.colno})") \
+                            from None
+                    docid = record.get("_id", record.get("id")) if isinstance(record, dict) else None
+                    text = text_of_record(record)
+                    if docid is None or text is None:
+                        raise DataFormatError(file, number, "expected a JSON object with '_id', 'title', 'text' "
+                                              "(BEIR) or 'id', 'contents' (Pyserini JsonCollection)")
+                    docid = str(docid).strip()
+                    if not docid:
+                        raise DataFormatError(file, number, "empty document id")
+                    if docid in self.docs:
+                        raise DataFormatError(file, number, f"document id {docid!r} appears twice")
+                    self.docs[docid] = text
+        except UnicodeDecodeError as err:
+            raise DataFormatError(file, number + 1, f"not valid UTF-8 ({err.reason})", "re-encode the corpus as "
+                                  "UTF-8") from None
+
+    def text(self, docid: str) -> str | None:
+        return self.docs.get(docid)
+
+    def describe(self) -> str:
+        return f"corpus {self.path}"
+
+
+class LuceneIndexDocs:
+    def __init__(self, index: str | os.PathLike[str]) -> None:
+        self.index = Path(index)
+        if not self.index.is_dir():
+            raise MissingInputError(self.index, "Lucene index folder", "pass a local index built with -storeRaw "
+                                    "(prebuilt index names are not downloaded here)")
+        from pyserini.search.lucene import LuceneSearcher  # lazy: starts the JVM
+
+        self.searcher = LuceneSearcher(str(self.index))
+
+    def text(self, docid: str) -> str | None:
+        doc = self.searcher.doc(docid)
+        if doc is None:
+            return None
+        raw = doc.raw()
+        if raw is None:
+            contents = doc.contents()
+            if contents is None:
+                raise DataFormatError(self.index, None, f"document {docid!r} has neither a stored raw document nor "
+                                      "stored contents", "rebuild the index with -storeRaw (or -storeContents)")
+            return str(contents)
+        raw = str(raw)
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+        text = text_of_record(parsed)
+        return raw if text is None else text
+
+    def describe(self) -> str:
+        return f"Lucene index {self.index}"

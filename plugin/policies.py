@@ -1,0 +1,186 @@
+"""Early-exit policies of the cascade: after each stage, which of the still-running candidates stop there.
+
+All policies read the *compensated* score ``s'`` of the exit (on the final exit's scale, which is what the
+compensation phase trains), so a candidate that stops early stays comparable with one that ran to the end.
+
+``candidate`` (default)
+    per candidate: confidence ``c = max(sigmoid(s'), 1 - sigmoid(s'))``; exit when ``c > threshold``.
+``query``
+    per query (the adaptive-inference rule of the principle page, ``c_l = max(softmax(s_l))``): softmax over the
+    query's candidates at the current exit; the whole query exits when its largest probability is ``> threshold``.
+``topk``
+    per candidate, within its query: stop when it can no longer reach the top ``k``: ``s' + margin < s'_(k)``, the k-th
+    best current score of the query (exited candidates count with their final score). ``margin =
+    residual_std(exit) * max(0, Phi^-1(threshold))``, where ``residual_std`` is the manifest's standard deviation of
+    ``s'_exit - s_final`` and ``Phi^-1`` the standard normal quantile: under a Gaussian residual, a pruned candidate's
+    final score would have stayed below the current k-th best with probability >= ``threshold``. At threshold <= 0.5
+    the margin is 0; at 1.0 it is infinite. Queries with ``k`` or fewer candidates never exit early.
+``fixed``
+    every candidate exits at one given exit layer (FlagEmbedding's ``cutoff_layers``); the threshold is unused.
+
+Thresholds lie in ``[0, 1]``. At threshold 1.0 no policy but ``fixed`` ever exits before the last stage (guarded
+explicitly, not left to floating point), so the cascade at 1.0 equals ``fixed`` at full depth exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+from matryoshka.plugin.manifest_schema import POLICY_NAMES
+
+from matryoshka.errors import OptionError
+
+logger = logging.getLogger(__name__)
+DEFAULT_TOP_K = 10
+
+
+@dataclass(frozen=True)
+class StageView:
+    """What a policy sees after stage ``stage`` (0-based) ran on the candidates listed in ``alive``.
+
+    ``scores`` and ``groups`` cover *all* candidates of the cascade call: the current compensated score (this stage's
+    for alive candidates, the final one for those that exited earlier) and the query group id.
+    """
+
+    stage: int
+    exit_layer: int
+    residual_std: float
+    alive: np.ndarray
+    scores: np.ndarray
+    groups: np.ndarray
+
+    @property
+    def alive_scores(self) -> np.ndarray:
+        return self.scores[self.alive]
+
+
+class ExitPolicy(ABC):
+    name: str = ""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = check_threshold(threshold)
+
+    def decide(self, view: StageView) -> np.ndarray:
+        """A boolean mask over ``view.alive``: True = exit at this stage. Not called for the last stage."""
+        if self.threshold >= 1.0:
+            return np.zeros(len(view.alive), dtype=bool)
+        mask = np.asarray(self._decide(view), dtype=bool)
+        if mask.shape != view.alive.shape:
+            raise RuntimeError(f"policy {self.name} returned {mask.shape}, expected {view.alive.shape}")
+        return mask
+
+    @abstractmethod
+    def _decide(self, view: StageView) -> np.ndarray: ...
+
+    def describe(self) -> str:
+        return f"{self.name}(threshold={self.threshold:g})"
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
+
+
+class CandidatePolicy(ExitPolicy):
+    name = "candidate"
+
+    def _decide(self, view: StageView) -> np.ndarray:
+        p = sigmoid(view.alive_scores)
+        return np.maximum(p, 1.0 - p) > self.threshold
+
+
+def _group_slices(groups: np.ndarray) -> list[np.ndarray]:
+    """Positions (into ``groups``) of each distinct group id, in order of first appearance."""
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    return [np.flatnonzero(inverse == g) for g in order]
+
+
+class QueryPolicy(ExitPolicy):
+    name = "query"
+
+    def _decide(self, view: StageView) -> np.ndarray:
+        scores, groups = view.alive_scores.astype(np.float64), view.groups[view.alive]
+        mask = np.zeros(len(view.alive), dtype=bool)
+        for members in _group_slices(groups):
+            s = scores[members]
+            p = np.exp(s - s.max())
+            mask[members] = p.max() / p.sum() > self.threshold
+        return mask
+
+
+class TopKPolicy(ExitPolicy):
+    name = "topk"
+
+    def __init__(self, threshold: float, k: int = DEFAULT_TOP_K) -> None:
+        super().__init__(threshold)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise OptionError("top_k", k, "an integer >= 1")
+        self.k = k
+
+    def margin(self, residual_std: float) -> float:
+        if self.threshold >= 1.0:
+            return math.inf
+        z = NormalDist().inv_cdf(self.threshold) if self.threshold > 0.5 else 0.0
+        return float(residual_std) * z
+
+    def _decide(self, view: StageView) -> np.ndarray:
+        margin = self.margin(view.residual_std)
+        alive_groups = view.groups[view.alive]
+        mask = np.zeros(len(view.alive), dtype=bool)
+        for members in _group_slices(view.groups):
+            if len(members) <= self.k:
+                continue
+            kth = np.sort(view.scores[members])[::-1][self.k - 1]
+            group_id = view.groups[members[0]]
+            rows = np.flatnonzero(alive_groups == group_id)
+            mask[rows] = view.scores[view.alive[rows]] + margin < kth
+        return mask
+
+    def describe(self) -> str:
+        return f"topk(k={self.k}, threshold={self.threshold:g})"
+
+
+class FixedPolicy(ExitPolicy):
+    name = "fixed"
+
+    def __init__(self, exit_layer: int, exits: Sequence[int]) -> None:
+        super().__init__(0.0)
+        if exit_layer not in exits:
+            raise OptionError("exit_layer", exit_layer, f"one of the model's exits {list(exits)}")
+        self.exit_layer = exit_layer
+
+    def _decide(self, view: StageView) -> np.ndarray:
+        return np.full(len(view.alive), view.exit_layer >= self.exit_layer, dtype=bool)
+
+    def describe(self) -> str:
+        return f"fixed(exit_layer={self.exit_layer})"
+
+
+def check_threshold(threshold: object, option: str = "threshold") -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 <= float(threshold) <= 1.0:
+        raise OptionError(option, threshold, "a number in [0, 1] (1.0 = never exit early)")
+    return float(threshold)
+
+
+def make_policy(name: str, threshold: float | None, exits: Sequence[int], default_threshold: float,
+                top_k: int = DEFAULT_TOP_K, exit_layer: int | None = None) -> ExitPolicy:
+    """Build a policy by name; ``threshold`` None takes the model's default (its manifest policy threshold)."""
+    if name not in POLICY_NAMES:
+        raise OptionError("policy", name, f"one of {', '.join(POLICY_NAMES)}")
+    if name == "fixed":
+        if threshold is not None:
+            logger.warning("the fixed policy ignores the threshold (%s); it exits at one layer", threshold)
+        return FixedPolicy(exits[-1] if exit_layer is None else exit_layer, exits)
+    value = default_threshold if threshold is None else threshold
+    if name == "candidate":
+        return CandidatePolicy(value)
+    if name == "query":
+        return QueryPolicy(value)
+    return TopKPolicy(value, top_k)

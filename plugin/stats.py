@@ -1,0 +1,86 @@
+"""Per-run statistics of the cascade: where candidates exited, what that cost, how fast it ran."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from matryoshka.io.atomic import atomic_write
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunStats:
+    """Accumulates :class:`~matryoshka.plugin.cascade.CascadeResult` exits and per-query wall times.
+
+    ``relative_layer_cost`` is the mean, over candidates, of the fraction of the full model's cost spent on them
+    (the stages' ``relative_cost`` from the manifest, summed up to the exit stage): 1.0 = every candidate ran every
+    stage. ``mean_layers_per_candidate`` counts transformer layers (the exit layer reached).
+    """
+
+    exits: Sequence[int]
+    cumulative_cost: Sequence[float]
+    policy: str = ""
+    exit_counts: np.ndarray = field(init=False)
+    query_seconds: list[float] = field(default_factory=list)
+    candidates: int = 0
+    truncated: int = 0
+
+    def __post_init__(self) -> None:
+        self.exit_counts = np.zeros(len(self.exits), dtype=np.int64)
+        if len(self.cumulative_cost) != len(self.exits):
+            raise ValueError(f"{len(self.cumulative_cost)} stage costs for {len(self.exits)} exits")
+
+    def add(self, exit_stage: np.ndarray, seconds: float, queries: int = 1, truncated: int = 0) -> None:
+        """Record one cascade call over ``queries`` queries that took ``seconds`` (split evenly between them)."""
+        stages = np.asarray(exit_stage, dtype=np.int64)
+        self.exit_counts += np.bincount(stages, minlength=len(self.exits))[: len(self.exits)]
+        self.candidates += int(stages.size)
+        self.truncated += int(truncated)
+        if queries > 0:
+            self.query_seconds.extend([seconds / queries] * queries)
+
+    @property
+    def queries(self) -> int:
+        return len(self.query_seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        n = self.candidates
+        total = float(sum(self.query_seconds))
+        times_ms = np.asarray(self.query_seconds, dtype=np.float64) * 1000.0
+        layers = np.asarray(self.exits, dtype=np.float64)
+        return {
+            "policy": self.policy,
+            "queries": self.queries,
+            "candidates": n,
+            "exits": list(self.exits),
+            "exit_histogram": {str(e): int(c) for e, c in zip(self.exits, self.exit_counts, strict=True)},
+            "mean_layers_per_candidate": float(self.exit_counts @ layers / n) if n else 0.0,
+            "relative_layer_cost": float(self.exit_counts @ np.asarray(self.cumulative_cost) / n) if n else 0.0,
+            "candidates_per_second": n / total if total > 0 else 0.0,
+            "ms_per_query_p50": float(np.percentile(times_ms, 50)) if times_ms.size else 0.0,
+            "ms_per_query_p95": float(np.percentile(times_ms, 95)) if times_ms.size else 0.0,
+            "seconds_total": total,
+            "passages_truncated": self.truncated,
+        }
+
+    def summary(self) -> str:
+        d = self.to_dict()
+        hist = ", ".join(f"L{e}: {c}" for e, c in d["exit_histogram"].items())
+        return (f"matryoshka [{d['policy']}]: {d['queries']} queries, {d['candidates']} candidates; mean layers/"
+                f"candidate {d['mean_layers_per_candidate']:.2f} of {self.exits[-1]}; relative layer cost "
+                f"{d['relative_layer_cost']:.3f}; exits {{{hist}}}; {d['candidates_per_second']:.1f} candidates/s; "
+                f"ms/query p50 {d['ms_per_query_p50']:.1f} p95 {d['ms_per_query_p95']:.1f}; "
+                f"{d['passages_truncated']} passages truncated")
+
+    def write_json(self, path: str | os.PathLike[str]) -> None:
+        with atomic_write(path) as handle:
+            json.dump(self.to_dict(), handle, indent=2)
+            handle.write("\n")
