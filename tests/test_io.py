@@ -8,8 +8,16 @@ from pathlib import Path
 import pytest
 
 from matryoshka.errors import DataFormatError, MissingInputError
-from matryoshka.io import (atomic_directory, atomic_write, load_beir, read_qrels, read_run, read_topics,
-                           write_jsonl_collection, write_run)
+from matryoshka.io import (
+    atomic_directory,
+    atomic_write,
+    load_beir,
+    read_qrels,
+    read_run,
+    read_topics,
+    write_jsonl_collection,
+    write_run,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -144,7 +152,8 @@ def test_missing_corpus_file(tmp_path: Path) -> None:
 
 
 def test_bad_corpus_line_and_unknown_judged_doc(tmp_path: Path) -> None:
-    root = make_beir(tmp_path / "b", '{"_id": "d1", "text": "x"}\n{not json\n', "query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    qrels = "query-id\tcorpus-id\tscore\nq1\td1\t1\n"
+    root = make_beir(tmp_path / "b", '{"_id": "d1", "text": "x"}\n{not json\n', qrels)
     with pytest.raises(DataFormatError, match=r"corpus.jsonl:2: invalid JSON"):
         load_beir(root, "test")
     root2 = make_beir(tmp_path / "c", '{"_id": "d1", "text": "x"}\n', "query-id\tcorpus-id\tscore\nq1\td9\t1\n")
