@@ -66,31 +66,30 @@ class CorpusDocs:
         raise MissingInputError(path, "corpus file", "pass a BEIR corpus.jsonl or a JsonCollection .jsonl")
 
     def _read(self, file: Path) -> None:
-        number = 0
-        try:
-            with file.open(encoding="utf-8", errors="strict") as handle:
-                for number, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataFormatError(file, number, f"invalid JSON ({err.msg} at column {err.colno})") \
-                            from None
-                    docid = record.get("_id", record.get("id")) if isinstance(record, dict) else None
-                    text = text_of_record(record)
-                    if docid is None or text is None:
-                        raise DataFormatError(file, number, "expected a JSON object with '_id', 'title', 'text' "
-                                              "(BEIR) or 'id', 'contents' (Pyserini JsonCollection)")
-                    docid = str(docid).strip()
-                    if not docid:
-                        raise DataFormatError(file, number, "empty document id")
-                    if docid in self.docs:
-                        raise DataFormatError(file, number, f"document id {docid!r} appears twice")
-                    self.docs[docid] = text
-        except UnicodeDecodeError as err:
-            raise DataFormatError(file, number + 1, f"not valid UTF-8 ({err.reason})", "re-encode the corpus as "
-                                  "UTF-8") from None
+        with file.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataFormatError(file, number, f"not valid UTF-8 ({err.reason} at byte {err.start})",
+                                          "re-encode the corpus as UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataFormatError(file, number, f"invalid JSON ({err.msg} at column {err.colno})") from None
+                docid = record.get("_id", record.get("id")) if isinstance(record, dict) else None
+                text = text_of_record(record)
+                if docid is None or text is None:
+                    raise DataFormatError(file, number, "expected a JSON object with '_id', 'title', 'text' (BEIR) "
+                                          "or 'id', 'contents' (Pyserini JsonCollection)")
+                docid = str(docid).strip()
+                if not docid:
+                    raise DataFormatError(file, number, "empty document id")
+                if docid in self.docs:
+                    raise DataFormatError(file, number, f"document id {docid!r} appears twice")
+                self.docs[docid] = text
 
     def text(self, docid: str) -> str | None:
         return self.docs.get(docid)

@@ -1,0 +1,130 @@
+"""The Python API (MatryoshkaReranker) and the run statistics, on a synthetic model folder (TEST FIXTURE)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matryoshka.plugin import api
+from matryoshka.plugin.api import InputTextError, MatryoshkaReranker, MissingDocumentError, MissingTopicError
+from matryoshka.plugin.stats import RunStats
+from matryoshka.plugin.testing import build_synthetic_model
+
+from matryoshka.errors import MatryoshkaError, MissingInputError, OptionError
+from matryoshka.io.trec import Run, RunEntry
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "scifact-mini"
+
+
+@pytest.fixture(scope="module")
+def corpus() -> dict[str, str]:
+    with (DATA / "corpus.jsonl").open(encoding="utf-8") as handle:
+        records = [json.loads(line) for _, line in zip(range(40), handle, strict=False)]
+    return {r["_id"]: r["text"] for r in records}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, corpus: dict[str, str]) -> Path:
+    return build_synthetic_model(tmp_path_factory.mktemp("synthetic"), corpus.values(), threshold=0.9)
+
+
+@pytest.fixture(scope="module")
+def full(model_dir: Path) -> MatryoshkaReranker:
+    return MatryoshkaReranker(model_dir, policy="fixed", batch_size=4, threads=1)
+
+
+def test_predict_matches_rank_and_keeps_order(full: MatryoshkaReranker, corpus: dict[str, str]) -> None:
+    docs = list(corpus.values())[:12]
+    scores = full.predict([("insulin resistance", d) for d in docs])
+    assert scores.shape == (12,) and scores.dtype == np.float64
+    reversed_scores = full.predict([("insulin resistance", d) for d in docs[::-1]])
+    np.testing.assert_allclose(reversed_scores[::-1], scores, atol=1e-5)
+    ranked = full.rank("insulin resistance", docs, top_k=5, return_documents=True)
+    assert len(ranked) == 5 and [r["corpus_id"] for r in ranked] == list(np.argsort(-scores, kind="stable")[:5])
+    assert ranked[0]["text"] == docs[ranked[0]["corpus_id"]]
+    assert all(a["score"] >= b["score"] for a, b in itertools.pairwise(ranked))
+    assert full.rank("insulin resistance", []) == []
+
+
+def test_default_threshold_comes_from_the_manifest(model_dir: Path) -> None:
+    assert MatryoshkaReranker(model_dir).policy.threshold == 0.9
+    assert MatryoshkaReranker(model_dir, threshold=0.5).policy.threshold == 0.5
+
+
+def test_no_default_model_installed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(api, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
+    with pytest.raises(MissingInputError, match="no default model is installed.*--matryoshka.model DIR"):
+        MatryoshkaReranker()
+
+
+def test_bad_texts(full: MatryoshkaReranker) -> None:
+    with pytest.raises(InputTextError, match="pair 1: query is empty"):
+        full.predict([("q", "p"), ("  ", "p")])
+    with pytest.raises(InputTextError, match="pair 0 is 'qp', expected"):
+        full.predict(["qp"])
+    with pytest.raises(InputTextError, match="document 1 is not valid Unicode"):
+        full.rank("q", ["fine", "bad \udcff byte"])
+    with pytest.raises(InputTextError, match="document 0 is int"):
+        full.rank("q", [3])
+
+
+def test_rerank_run_with_depth(full: MatryoshkaReranker, corpus: dict[str, str]) -> None:
+    ids = list(corpus)
+    run = {"q1": {d: 100.0 - i for i, d in enumerate(ids[:10])}, "q2": ids[10:14]}
+    topics = {"q1": "insulin resistance", "q2": "dna repair", "q3": "unused"}
+    out = full.rerank_run(run, topics, corpus, depth=4)
+    assert list(out) == ["q1", "q2"] and set(out["q1"]) == set(ids[:10])
+    ranked = sorted(out["q1"], key=lambda d: (-out["q1"][d], d))
+    assert set(ranked[:4]) == set(ids[:4]) and ranked[4:] == ids[4:10]  # below the depth: the run's order
+    assert min(out["q1"][d] for d in ids[:4]) > max(out["q1"][d] for d in ids[4:10])
+    np.testing.assert_allclose([out["q1"][d] for d in ids[:4]],
+                               full.predict([(topics["q1"], corpus[d]) for d in ids[:4]]), atol=1e-5)
+    run_obj = Run({"q1": [RunEntry(d, 1.0 / (i + 1), i + 1) for i, d in enumerate(ids[:3])]}, "bm25")
+    assert set(full.rerank_run(run_obj, topics, corpus.get)["q1"]) == set(ids[:3])
+
+
+def test_rerank_run_errors(full: MatryoshkaReranker, corpus: dict[str, str]) -> None:
+    with pytest.raises(MissingDocumentError, match="document 'nope' \\(query 'q1'\\) is not in the document lookup"):
+        full.rerank_run({"q1": ["nope"]}, {"q1": "x"}, corpus)
+    with pytest.raises(MissingTopicError, match="query 'q9' of the run is not in the topics"):
+        full.rerank_run({"q9": ["x"]}, {"q1": "x"}, corpus)
+    with pytest.raises(InputTextError, match="query 'q1' is empty"):
+        full.rerank_run({"q1": list(corpus)[:2]}, {"q1": " "}, corpus)
+    with pytest.raises(OptionError, match="depth=0"):
+        full.rerank_run({"q1": list(corpus)[:2]}, {"q1": "x"}, corpus, depth=0)
+
+
+def test_stats_after_a_run(model_dir: Path, corpus: dict[str, str]) -> None:
+    reranker = MatryoshkaReranker(model_dir, policy="candidate", threshold=0.0, batch_size=4, threads=1)
+    reranker.rerank_run({"q1": list(corpus)[:6], "q2": list(corpus)[6:9]}, {"q1": "a", "q2": "b"}, corpus)
+    stats = reranker.stats.to_dict()
+    assert stats["queries"] == 2 and stats["candidates"] == 9
+    assert stats["exit_histogram"] == {"2": 9, "4": 0, "6": 0}
+    assert stats["mean_layers_per_candidate"] == 2.0
+    assert stats["relative_layer_cost"] == pytest.approx(1 / 3)
+    assert stats["candidates_per_second"] > 0 and stats["ms_per_query_p95"] >= stats["ms_per_query_p50"] > 0
+    assert "mean layers/candidate 2.00 of 6" in reranker.stats.summary()
+    reranker.reset_stats()
+    assert reranker.stats.candidates == 0
+
+
+def test_run_stats_arithmetic(tmp_path: Path) -> None:
+    stats = RunStats((2, 4, 6), (0.25, 0.5, 1.0), "candidate(threshold=0.9)")
+    stats.add(np.array([0, 0, 2, 1]), 0.4, queries=1, truncated=1)
+    stats.add(np.array([2, 2]), 0.2, queries=2)
+    d = stats.to_dict()
+    assert d["exit_histogram"] == {"2": 2, "4": 1, "6": 3} and d["candidates"] == 6 and d["queries"] == 3
+    assert d["mean_layers_per_candidate"] == pytest.approx((2 * 2 + 4 + 3 * 6) / 6)
+    assert d["relative_layer_cost"] == pytest.approx((2 * 0.25 + 0.5 + 3 * 1.0) / 6)
+    assert d["candidates_per_second"] == pytest.approx(6 / 0.6)
+    assert d["ms_per_query_p50"] == pytest.approx(100.0) and d["passages_truncated"] == 1
+    stats.write_json(tmp_path / "stats.json")
+    assert json.loads((tmp_path / "stats.json").read_text()) == d
+
+
+def test_every_error_is_a_matryoshka_error() -> None:
+    for cls in (InputTextError, MissingDocumentError, MissingTopicError):
+        assert issubclass(cls, MatryoshkaError)
