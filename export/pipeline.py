@@ -1,0 +1,187 @@
+"""Checkpoint -> model folder: ONNX stages (+ full graph) per precision, each validated, and ``manifest.json``.
+
+Everything is written into a temporary folder next to the output and moved in place only after every file passed
+validation and the manifest re-loaded with its hashes verified (:func:`matryoshka.io.atomic_directory`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from matryoshka.export.checkpoint import check_checkpoint, check_output, load_for_export
+from matryoshka.export.errors import ExportError
+from matryoshka.export.manifest_builder import build_manifest
+from matryoshka.export.reference import Batch, StageOutput, graph_inputs, make_batch, reference_outputs
+from matryoshka.export.spec import GraphSpec, full_graph_spec, stage_specs
+from matryoshka.export.torch_export import MIN_OPSET, export_graph
+from matryoshka.export.validate import DEFAULT_CRITERIA, Criteria, FileReport, enforce, validate_precision
+from matryoshka.export.variants import convert_fp16, optimize, quantize_int8
+from matryoshka.io import atomic_directory
+from matryoshka.layout import PairLayout
+from matryoshka.plugin.manifest import Manifest, load_manifest
+from matryoshka.training.config import TOKENIZER_FILE
+from matryoshka.training.modeling import LayerwiseReranker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportOptions:
+    int8: bool = False
+    fp16: bool = False
+    optimize: bool = False
+    opset: int = MIN_OPSET
+    full_graph: bool = True
+    overwrite: bool = False
+    name: str | None = None  # model name in the manifest (default: the checkpoint folder's name)
+    seed: int = 0
+    criteria: dict[str, Criteria] = field(default_factory=lambda: dict(DEFAULT_CRITERIA))
+
+    def precisions(self) -> list[str]:
+        out = ["fp32"]
+        if self.optimize:
+            out.append("optimized")
+        if self.int8:
+            out.append("int8")
+            if self.optimize:
+                out.append("optimized-int8")
+        if self.fp16:
+            out.append("fp16")
+        return out
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    manifest: Manifest
+    reports: list[FileReport]
+
+
+def passage_sizes(layout: PairLayout) -> list[int]:
+    """The passage segment lengths ``P`` the layout allows (multiples of ``passage_multiple`` up to the maximum)."""
+    m = layout.passage_multiple
+    return list(range(m, layout.max_passage_segment + 1, m))
+
+
+def _tokens_for(layout: PairLayout, segment: int) -> int:
+    """Passage token count whose segment B (with its prefix/suffix ids) needs exactly ``segment`` positions."""
+    extra = len(layout.passage_prefix_ids) + len(layout.passage_suffix_ids)
+    return max(segment - extra, 1)
+
+
+def sample_batches(layout: PairLayout, vocab_size: int, seed: int) -> tuple[Batch, list[Batch]]:
+    """The export sample (batch 2, a middle passage size) and validation batches of other batch and sequence sizes:
+    3 pairs at the largest passage size, 1 at the smallest, and 16 of mixed lengths (for rank correlations)."""
+    sizes = passage_sizes(layout)
+    mid, low, high = sizes[len(sizes) // 2], sizes[0], sizes[-1]
+    if len(sizes) < 3:
+        logger.warning("the layout allows only passage sizes %s: validation cannot vary the sequence length much",
+                       sizes)
+    sample = make_batch(layout, [_tokens_for(layout, mid), max(_tokens_for(layout, mid) - 3, 1)], vocab_size, seed)
+    rng = np.random.default_rng(seed + 1)
+    mixed = [int(rng.integers(1, layout.passage_budget + 1)) for _ in range(16)]
+    batches = [make_batch(layout, [_tokens_for(layout, high)] + [_tokens_for(layout, low)] * 2, vocab_size, seed + 2),
+               make_batch(layout, [_tokens_for(layout, low)], vocab_size, seed + 3),
+               make_batch(layout, mixed, vocab_size, seed + 4)]
+    return sample, batches
+
+
+def _vocab_size(model: LayerwiseReranker) -> int:
+    return int(model.config.backbone_config["vocab_size"])
+
+
+def export_checkpoint(checkpoint: str | Path, outdir: str | Path, options: ExportOptions | None = None,
+                      progress: bool = False) -> ExportResult:
+    """Export ``checkpoint`` to ``outdir`` (see the module docstring). Raises an :class:`ExportError` subclass."""
+    options = options or ExportOptions()
+    checkpoint, outdir = Path(checkpoint), Path(outdir)
+    if options.opset < MIN_OPSET:
+        raise ExportError(f"--opset {options.opset} is invalid: expected >= {MIN_OPSET}")
+    check_output(outdir, options.overwrite)
+    raw_config = check_checkpoint(checkpoint)
+    precisions = options.precisions()
+    graphs_per_precision = len(raw_config.get("exits") or []) + int(options.full_graph)
+    bar = tqdm(total=2 + len(precisions) * (graphs_per_precision + 1), desc="export", unit="step",
+               disable=not progress)
+    step: Callable[[str], None] = lambda text: (bar.set_postfix_str(text), bar.update(1))  # noqa: E731
+    try:
+        model = load_for_export(checkpoint)
+        step("model loaded")
+        config = model.config
+        stages = stage_specs(config.exits, _compression(model))
+        full = full_graph_spec(config.num_layers, _compression(model)) if options.full_graph else None
+        layout = config.pair_layout()
+        sample, batches = sample_batches(layout, _vocab_size(model), options.seed)
+        reference = [(batch, reference_outputs(model, stages, batch)) for batch in batches]
+        with atomic_directory(outdir, overwrite=options.overwrite) as tmp:
+            shutil.copyfile(checkpoint / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+            graphs = [*stages, *([full] if full is not None else [])]
+            sample_feeds = graph_inputs(model, graphs, sample)
+            reports: dict[str, list[FileReport]] = {}
+            for precision in precisions:
+                _make_precision(precision, model, graphs, sample_feeds, tmp, options, step)
+                reports[precision] = _validate(precision, stages, full, tmp, reference, options.criteria)
+                step(f"{precision} validated")
+            manifest = build_manifest(tmp, model, checkpoint, stages, full, reports, options.name)
+            load_manifest(tmp, verify=True)
+            _share(tmp)
+            step("manifest written")
+        all_reports = [r for precision in precisions for r in reports[precision]]
+        return ExportResult(outdir, manifest, all_reports)
+    finally:
+        bar.close()
+
+
+def _share(folder: Path) -> None:
+    """Readable by everyone, like any installed model (temporary folders and files start private)."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _compression(model: LayerwiseReranker) -> dict[str, int] | None:
+    comp = model.config.inference_compression
+    return None if comp is None else {"layer": int(comp.layer), "ratio": int(comp.ratio)}
+
+
+def _make_precision(precision: str, model: LayerwiseReranker, graphs: Sequence[GraphSpec], feeds: dict[str, Batch],
+                    folder: Path, options: ExportOptions, step: Callable[[str], None]) -> None:
+    """Write the files of ``precision`` for every graph (derived variants from the fp32 or optimized files)."""
+    config = model.config
+    backbone = config.backbone_config
+    for spec in graphs:
+        target = folder / spec.file(precision)
+        if precision == "fp32":
+            export_graph(model, spec, feeds[spec.name], target, options.opset)
+        elif precision == "optimized":
+            optimize(folder / spec.file("fp32"), target, spec, config.family, int(backbone["num_attention_heads"]),
+                     int(config.hidden_size))
+        elif precision == "int8":
+            quantize_int8(folder / spec.file("fp32"), target, spec)
+        elif precision == "optimized-int8":
+            quantize_int8(folder / spec.file("optimized"), target, spec, fused=True)
+        elif precision == "fp16":
+            convert_fp16(folder / spec.file("fp32"), target, spec)
+        else:
+            raise ExportError(f"precision {precision!r} is not produced by the export: expected one of "
+                              "fp32, optimized, int8, optimized-int8, fp16")
+        step(f"{spec.file(precision)}")
+
+
+def _validate(precision: str, stages: Sequence[GraphSpec], full: GraphSpec | None, folder: Path,
+              reference: Sequence[tuple[Batch, list[StageOutput]]], criteria: dict[str, Criteria]
+              ) -> list[FileReport]:
+    reports = validate_precision(precision, stages, [folder / s.file(precision) for s in stages], reference,
+                                 full, folder / full.file(precision) if full is not None else None)
+    for rep in reports:
+        logger.info("%s/%s: score max|diff| %.3g (score std %.3g), hidden max|diff| %.3g, Spearman %.4f", precision,
+                    rep.graph, rep.score_atol, rep.score_std, rep.hidden_atol, rep.spearman)
+    enforce(reports, criteria[precision])
+    return reports

@@ -1,0 +1,105 @@
+"""The PyTorch side of the export: the modules handed to ``torch.onnx.export`` and the reference outputs the ONNX
+graphs are validated against. Both call the one model definition (``matryoshka.training.modeling``) through its
+stage API (``embed`` / ``run_layers`` / ``exit_score``) with keyword arguments, never a copy of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from matryoshka.export.spec import GraphSpec
+from matryoshka.layout import PairLayout
+from matryoshka.training.modeling import LayerwiseReranker, State
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """The PyTorch outputs of one stage, keyed by the graph's output names."""
+
+    arrays: dict[str, np.ndarray]
+
+
+class GraphModule(nn.Module):
+    """One stage (or the full graph) as a module with positional tensor inputs in the declared order."""
+
+    def __init__(self, model: LayerwiseReranker, spec: GraphSpec) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.compression = model.config.inference_compression
+
+    def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        values = dict(zip(self.spec.input_names, tensors, strict=True))
+        if self.spec.first:
+            state = self.model.embed(input_ids=values["input_ids"], attention_mask=values["attention_mask"],
+                                     token_type_ids=values["token_type_ids"], position_ids=values["position_ids"])
+        else:
+            state = State(hidden_states=values["hidden_states"], attention_mask=values["attention_mask"],
+                          position_ids=values["position_ids"])
+        state = self.model.run_layers(state, self.spec.start, self.spec.end, self.compression)
+        score = self.model.exit_score(state, self.spec.exit_layer, calibrated=True)
+        if self.spec.is_full:
+            return (score,)
+        return state.hidden_states, state.attention_mask, state.position_ids, score
+
+
+def make_batch(layout: PairLayout, passage_lengths: Sequence[int], vocab_size: int, seed: int,
+               query_length: int | None = None) -> Batch:
+    """A batch of random token ids laid out by ``layout`` (one pair per passage length), with ``position_ids``.
+
+    Ids are drawn from the upper three quarters of the vocabulary (ordinary tokens, not the specials at its start).
+    Queries have varied lengths too, so padding occurs inside segment A and B.
+    """
+    rng = np.random.default_rng(seed)
+    low = min(vocab_size // 4, 1000)
+    budget = layout.query_budget if query_length is None else min(query_length, layout.query_budget)
+    queries = [rng.integers(low, vocab_size, int(rng.integers(1, budget + 1))).tolist() for _ in passage_lengths]
+    passages = [rng.integers(low, vocab_size, max(int(n), 1)).tolist() for n in passage_lengths]
+    batch = layout.assemble(queries, passages)
+    if "position_ids" not in batch:  # encoders: 0..S-1 (the contract's stage-1 input; BERT ignores it)
+        seq = batch["input_ids"].shape[1]
+        batch["position_ids"] = np.broadcast_to(np.arange(seq, dtype=np.int64), batch["input_ids"].shape).copy()
+    return batch
+
+
+def to_tensors(spec: GraphSpec, batch: Batch) -> tuple[Tensor, ...]:
+    return tuple(torch.from_numpy(np.ascontiguousarray(batch[name])) for name in spec.input_names)
+
+
+@torch.inference_mode()
+def reference_outputs(model: LayerwiseReranker, stages: Sequence[GraphSpec], batch: Batch) -> list[StageOutput]:
+    """Run the PyTorch stages in sequence on ``batch``; each stage starts from the previous stage's state."""
+    outputs: list[StageOutput] = []
+    state_values: dict[str, np.ndarray] = batch
+    for spec in stages:
+        module = GraphModule(model, spec).eval()
+        result = module(*to_tensors(spec, state_values))
+        arrays = {name: t.detach().cpu().numpy() for name, t in zip(spec.output_names, result, strict=True)}
+        outputs.append(StageOutput(arrays))
+        state_values = state_feed(arrays)
+    return outputs
+
+
+def state_feed(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A stage's outputs renamed to the next stage's inputs (``X_out`` feeds ``X``)."""
+    return {name.removesuffix("_out"): value for name, value in outputs.items() if name.endswith("_out")}
+
+
+def graph_inputs(model: LayerwiseReranker, graphs: Sequence[GraphSpec], batch: Batch) -> dict[str, Batch]:
+    """The inputs each graph sees for ``batch`` (token ids for first graphs, the PyTorch state for later stages)."""
+    stages = [g for g in graphs if not g.is_full]
+    outputs = reference_outputs(model, stages, batch)
+    feeds = {}
+    for graph in graphs:
+        feeds[graph.name] = batch if graph.first else state_feed(outputs[graph.index - 1].arrays)
+    return feeds

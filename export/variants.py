@@ -1,0 +1,153 @@
+"""ONNX-level steps after the torch export: fix-ups every graph gets, and the derived variants (int8 dynamic
+quantization for CPU, fp16 for CUDA, the onnxruntime transformer optimizer).
+
+Every variant keeps the graph's float32/int64 inputs and outputs, so the stages of any precision chain the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+
+from matryoshka.export.spec import GraphSpec, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+#: onnxruntime 1.32 reads models up to this IR version (onnx 1.23 writes 14 by default)
+MAX_IR_VERSION = 13
+_ELEM = {"int64": onnx.TensorProto.INT64, "float32": onnx.TensorProto.FLOAT}
+#: fused operators the transformer optimizer may produce (counted in the log and the report)
+FUSED_OPS = ("Attention", "MultiHeadAttention", "LayerNormalization", "SkipLayerNormalization",
+             "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization",
+             "BiasGelu", "FastGelu", "Gelu", "RotaryEmbedding", "GroupQueryAttention")
+
+
+def _value_info(spec: TensorSpec) -> onnx.ValueInfoProto:
+    dims = [a if isinstance(a, int) else None for a in spec.axes]
+    info = onnx.helper.make_tensor_value_info(spec.name, _ELEM[spec.dtype], dims)
+    for dim, axis in zip(info.type.tensor_type.shape.dim, spec.axes, strict=True):
+        if isinstance(axis, str):
+            dim.dim_param = axis
+    return info
+
+
+def finalize_graph(model: onnx.ModelProto, spec: GraphSpec, check: bool = True) -> onnx.ModelProto:
+    """Give the graph exactly the declared inputs (in order) and outputs, and an IR version onnxruntime reads.
+
+    ``torch.onnx.export`` drops inputs the model does not read (decoders ignore ``token_type_ids``, BERT's full graph
+    ``position_ids``) and the transformer optimizer prunes them again; the stage contract keeps them, so they are
+    added back as unused inputs. ``check=False`` for graphs with onnxruntime-only operators (the optimizer's fused
+    ops, which the onnx checker does not know; onnxruntime loads and validates them instead).
+    """
+    present = {i.name: i for i in model.graph.input}
+    extra = [name for name in present if name not in spec.input_names]
+    if extra:
+        raise RuntimeError(f"exported graph {spec.name} has undeclared inputs {extra}; declared {spec.input_names}")
+    missing = [name for name in spec.input_names if name not in present]
+    if missing:
+        logger.debug("%s: adding unused declared inputs %s", spec.name, missing)
+    ordered = [present[t.name] if t.name in present else _value_info(t) for t in spec.inputs]
+    del model.graph.input[:]
+    model.graph.input.extend(ordered)
+    outputs = [o.name for o in model.graph.output]
+    if outputs != spec.output_names:
+        raise RuntimeError(f"exported graph {spec.name} has outputs {outputs}; declared {spec.output_names}")
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    _sort_nodes(model.graph)
+    imported = {o.domain for o in model.opset_import}
+    for domain in sorted({n.domain for n in model.graph.node} - imported - {"", "ai.onnx"}):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    if check:
+        onnx.checker.check_model(model)
+    return model
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    """Topologically sort the nodes (the fp16 converter appends its input casts at the end of the node list)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(name in available for name in n.input)]
+        if not ready:
+            raise RuntimeError(f"graph {graph.name!r} has a cycle or an undefined input near node {pending[0].name!r}")
+        ready_ids = {id(n) for n in ready}
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        pending = [n for n in pending if id(n) not in ready_ids]
+    copies = [onnx.NodeProto.FromString(n.SerializeToString()) for n in ordered]
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def op_counts(path: Path) -> Counter[str]:
+    return Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """onnxruntime.quantization logs every skipped tensor on the root logger at INFO: keep that out of the CLI."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_int8(src: Path, dst: Path, spec: GraphSpec, fused: bool = False) -> Path:
+    """Dynamic int8 quantization of the transformer MatMul weights (uint8 activations x int8 weights: the VNNI
+    path on x86).
+
+    Embedding tables (Gather), the exit heads and the compensation (Gemm, a few hundred weights that set the score
+    directly) stay float32: they cost nothing and quantizing them only adds error to the score.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    extra = {"DefaultTensorType": onnx.TensorProto.FLOAT} if fused else None
+    with _quiet_root_logger():
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Attention"],
+                         weight_type=QuantType.QInt8, per_channel=False, reduce_range=False, extra_options=extra)
+    return save(finalize_graph(onnx.load(str(dst)), spec, check=not fused), dst)
+
+
+def convert_fp16(src: Path, dst: Path, spec: GraphSpec) -> Path:
+    """fp16 weights and compute, float32 inputs/outputs (``keep_io_types``), for the CUDA execution provider."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    # Normalisations, softmax inputs and the score head stay float32 for accuracy where the converter allows.
+    converted = convert_float_to_float16(model, keep_io_types=True)
+    return save(finalize_graph(converted, spec), dst)
+
+
+def optimize(src: Path, dst: Path, spec: GraphSpec, family: str, num_heads: int, hidden_size: int
+             ) -> Counter[str]:
+    """onnxruntime's transformer optimizer (attention / layer-norm / gelu fusions) where its patterns match.
+
+    Encoders use the BERT fusions; decoders use the same pass, which there fuses RMSNorm
+    (SimplifiedLayerNormalization) and skips what does not match. Returns the fused operators it produced.
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                               opt_level=0, use_gpu=False)
+    model = finalize_graph(optimized.model, spec, check=False)
+    save(model, dst)
+    fused = Counter(n.op_type for n in model.graph.node if n.op_type in FUSED_OPS)
+    logger.info("%s: fused %s (%s)", dst.name, dict(fused) or "nothing", family)
+    return fused
