@@ -1,0 +1,29 @@
+"""In-process ranking metrics for fast sweeps (threshold tuning). Reported figures come from trec_eval.
+
+Conventions follow ``trec_eval -c``: linear gains (the relevance grade), log2 discount, the ideal ranking built from
+all judged relevant documents, and queries of the qrels with no run count as 0. Ties are broken by (-score, docid),
+as the run writer does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+
+def ndcg_at_k(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping[str, int]], k: int = 10) -> float:
+    """Mean nDCG@k over the queries of ``qrels`` that have at least one relevant document."""
+    total, count = 0.0, 0
+    for qid, judged in qrels.items():
+        gains = sorted((g for g in judged.values() if g > 0), reverse=True)
+        if not gains:
+            continue
+        count += 1
+        hits = run.get(qid)
+        if not hits:
+            continue
+        ranked = sorted(hits.items(), key=lambda item: (-item[1], item[0]))[:k]
+        dcg = sum(max(judged.get(docid, 0), 0) / math.log2(rank + 2) for rank, (docid, _s) in enumerate(ranked))
+        idcg = sum(g / math.log2(rank + 2) for rank, g in enumerate(gains[:k]))
+        total += dcg / idcg
+    return total / count if count else 0.0

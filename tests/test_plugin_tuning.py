@@ -1,0 +1,67 @@
+"""Offline replay of the cascade (threshold tuning) equals real cascade runs; the choice respects the budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from matryoshka.errors import OptionError
+from matryoshka.plugin.cascade import Cascade
+from matryoshka.plugin.policies import make_policy
+from matryoshka.plugin.testing import build_synthetic_model
+from matryoshka.plugin.tuning import SweepPoint, choose, record_exit_scores, replay
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def texts(limit: int = 80) -> tuple[list[str], list[str]]:
+    docs = [json.loads(line)["text"][:400] for line in
+            (REPO / "data" / "scifact-mini" / "corpus.jsonl").read_text().splitlines()[:limit]]
+    queries = [json.loads(line)["text"] for line in
+               (REPO / "data" / "scifact-mini" / "queries.jsonl").read_text().splitlines()[:4]]
+    return queries, docs
+
+
+@pytest.fixture(scope="module")
+def cascade(tmp_path_factory: pytest.TempPathFactory) -> Cascade:
+    queries, docs = texts()
+    folder = build_synthetic_model(tmp_path_factory.mktemp("tune"), queries + docs, compression=(3, 2))
+    return Cascade(folder, batch_size=7)
+
+
+@pytest.mark.parametrize("policy, threshold", [("candidate", 0.6), ("candidate", 0.9), ("query", 0.2),
+                                               ("topk", 0.7), ("topk", 0.5), ("candidate", 1.0)])
+def test_replay_equals_real_cascade(cascade: Cascade, policy: str, threshold: float) -> None:
+    queries, docs = texts()
+    q = [queries[i % 4] for i in range(len(docs))]
+    groups = np.array([i % 4 for i in range(len(docs))])
+    recorded = record_exit_scores(cascade, q, docs, groups)
+    assert recorded.shape == (len(docs), len(cascade.exits)) and np.isfinite(recorded).all()
+    chosen = make_policy(policy, threshold, cascade.exits, 0.9, top_k=3)
+    real = cascade.run(q, docs, chosen, groups)
+    residual = [cascade.manifest.exit_calibration(e).residual_std for e in cascade.exits]
+    scores, stages = replay(recorded, groups, chosen, cascade.exits, residual)
+    np.testing.assert_array_equal(stages, real.exit_stage)
+    np.testing.assert_allclose(scores, real.scores, rtol=0, atol=1e-6)
+    if threshold < 1.0 and policy == "candidate" and threshold == 0.6:
+        assert (stages < len(cascade.exits) - 1).any(), "the synthetic model should let some candidates exit"
+
+
+def point(policy: str, threshold: float, rel: float, cost: float) -> SweepPoint:
+    return SweepPoint(policy, threshold, 0.7 * rel, rel, 6 * cost, cost)
+
+
+def test_choose_cheapest_within_loss_or_best_within_cost() -> None:
+    points = [point("fixed", 0, 0.9, 0.33), point("candidate", 0.9, 0.995, 0.5), point("candidate", 0.8, 0.98, 0.3),
+              point("query", 0.5, 0.992, 0.45), point("topk", 0.9, 1.0, 0.7)]
+    assert choose(points, max_loss=0.01) == points[3]
+    assert choose(points, max_loss=None, cost_target=0.5) == points[1]
+    with pytest.raises(OptionError, match="looser budget"):
+        choose([points[0], points[2]], max_loss=0.01)
+    with pytest.raises(OptionError, match="exactly one"):
+        choose(points, max_loss=0.01, cost_target=0.4)
+    with pytest.raises(OptionError, match="relative loss"):
+        choose(points, max_loss=1.5)
