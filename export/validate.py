@@ -68,7 +68,7 @@ def round_up(value: float, floor: float = 1e-7) -> float:
     if value <= floor:
         return floor
     exponent = math.floor(math.log10(value)) - 1
-    return float(f"{math.ceil(value / 10 ** exponent - 1e-9) * 10 ** exponent:.3g}")
+    return float(f"{math.ceil(value / 10 ** exponent * (1 - 1e-9)) * 10 ** exponent:.3g}")
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
