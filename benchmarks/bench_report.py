@@ -1,0 +1,220 @@
+"""The parent side of ``benchmarks/rerank_benchmark.py``: data, quality tables, timing table, plot, BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from matryoshka.io import read_run, write_trec_qrels
+from matryoshka.io.atomic import atomic_write
+from matryoshka.pipeline import bm25_search, prepare_beir, trec_eval
+from matryoshka.plugin.cascade import Cascade
+from matryoshka.plugin.policies import make_policy
+from matryoshka.plugin.tuning import record_run, replay, sweep
+
+logger = logging.getLogger("benchmark")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Row:
+    name: str
+    metrics: dict[str, float]
+    mean_layers: float | None = None
+    cost: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    from benchmarks.rerank_benchmark import dataset_dir  # noqa: F401 - validated below
+
+    p = argparse.ArgumentParser(prog="python benchmarks/rerank_benchmark.py", description=__doc__)
+    p.add_argument("--model", type=Path, default=REPO / "plugin" / "default_model", help="exported model folder")
+    p.add_argument("--checkpoint", type=Path, default=None, help="training checkpoint for (a) PyTorch fp32")
+    p.add_argument("--datasets", nargs="+", default=["scifact", "nfcorpus", "cranfield", "cisi", "med", "adi"])
+    p.add_argument("--timed-datasets", nargs="+", default=["scifact", "nfcorpus"],
+                   help="datasets that also get the side-by-side timed table")
+    p.add_argument("--hits", type=int, default=100)
+    p.add_argument("--timing-queries", type=int, default=30)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--work", type=Path, default=REPO / "runs" / "work")
+    p.add_argument("--results", type=Path, default=REPO / "runs" / "benchmark")
+    p.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "ndcg_vs_cost.png")
+    p.add_argument("--write", type=Path, default=None, help="write the report into this markdown file (BENCHMARKS.md)")
+    return p.parse_args(argv)
+
+
+def fmt(row: Row) -> str:
+    m = row.metrics
+    layers = f"{row.mean_layers:.2f}" if row.mean_layers is not None else "—"
+    cost = f"{row.cost:.1%}" if row.cost is not None else "—"
+    return (f"| {row.name} | {m['ndcg_cut_10']:.4f} | {m['recip_rank']:.4f} | {m['recall_100']:.4f} | {layers} | "
+            f"{cost} |")
+
+
+def evaluate(run: dict[str, dict[str, float]], qrels: Path, folder: Path, name: str) -> dict[str, float]:
+    from matryoshka.io import write_run
+
+    path = folder / f"{name}.run"
+    write_run(path, run, tag="matryoshka")
+    return trec_eval(qrels, path)
+
+
+def quality(name: str, data: Path, args: argparse.Namespace, out: Path) -> tuple[list[Row], dict, dict]:
+    prepared = prepare_beir(data, "test", args.work)
+    bm25_path = bm25_search(prepared.index_dir, prepared.topics, args.work / f"bm25-{name}-test-{args.hits}.txt",
+                            hits=args.hits)
+    bm25 = read_run(bm25_path)
+    rows = [Row("BM25 (Pyserini)", trec_eval(prepared.qrels, bm25_path), 0.0, 0.0)]
+    candidates = {qid: [e.docid for e in entries] for qid, entries in bm25.queries.items()}
+    texts = {d: prepared.dataset.corpus[d].contents for docs in candidates.values() for d in docs}
+    chain = Cascade(args.model, precision="int8" if "int8" in _precisions(args.model) else None,
+                    threads=args.threads, batch_size=args.batch_size)
+    start = time.perf_counter()
+    recorded = record_run(chain, candidates, prepared.dataset.queries, texts)
+    logger.info("%s: recorded %d pairs in %.0f s", name, len(recorded.docids), time.perf_counter() - start)
+    exits = list(recorded.exits)
+    for e in exits:
+        policy = make_policy("fixed", None, exits, 1.0, exit_layer=e)
+        final, stage = replay(recorded.exit_scores, recorded.groups, policy, exits, recorded.residual_std)
+        label = f"(c) fixed exit {e}" + (" = full depth" if e == exits[-1] else "")
+        rows.append(Row(label, evaluate(recorded.to_run(final), prepared.qrels, out, f"{name}-fixed{e}"),
+                        float(np.asarray(exits)[stage].mean()), float(recorded.cumulative_cost[stage].mean())))
+    default = chain.manifest.policy
+    policy = make_policy(default.name, default.threshold, exits, default.threshold)
+    final, stage = replay(recorded.exit_scores, recorded.groups, policy, exits, recorded.residual_std)
+    rows.append(Row(f"(d) cascade {default.name} @ {default.threshold:g} (tuned default)",
+                    evaluate(recorded.to_run(final), prepared.qrels, out, f"{name}-default"),
+                    float(np.asarray(exits)[stage].mean()), float(recorded.cumulative_cost[stage].mean())))
+    full, points = sweep(recorded, prepared.dataset.qrels)
+    curve = {"full": full, "bm25": rows[0].metrics["ndcg_cut_10"], "points": [p.as_dict() for p in points],
+             "default": {"ndcg10": rows[-1].metrics["ndcg_cut_10"], "cost": rows[-1].cost}}
+    context = {"prepared": prepared, "candidates": candidates, "texts": texts}
+    return rows, curve, context
+
+
+def _precisions(model: Path) -> list[str]:
+    from matryoshka.plugin.manifest import load_manifest
+
+    return list(load_manifest(model, verify=False).precisions)
+
+
+def timed(name: str, context: dict, args: argparse.Namespace, out: Path) -> list[str]:
+    from benchmarks.rerank_benchmark import run_config
+
+    prepared, candidates, texts = context["prepared"], context["candidates"], context["texts"]
+    qids = [q for q in candidates if q in prepared.dataset.qrels][: args.timing_queries]
+    cache = out / f"{name}-timing-cache.json"
+    cache.write_text(json.dumps({"queries": {q: {"text": prepared.dataset.queries[q], "docids": candidates[q],
+                                                 "passages": [texts[d] for d in candidates[q]]} for q in qids}}))
+    qrels = out / f"{name}-timing.qrels"
+    write_trec_qrels(qrels, {q: prepared.dataset.qrels[q] for q in qids})
+    exits = Cascade(args.model, verify=False).exits
+    configs = (["torch-fp32"] if args.checkpoint else []) + [f"onnx-full-{p}" for p in ("fp32", "int8")
+                                                             if p in _precisions(args.model)]
+    configs += [f"fixed:{e}" for e in exits] + ["default"]
+    labels = {"torch-fp32": "(a) PyTorch fp32 full depth", "onnx-full-fp32": "(b) ONNX full graph fp32",
+              "onnx-full-int8": "(b) ONNX full graph int8", "default": "(d) cascade, tuned default"}
+    results = {}
+    for config in configs:
+        results[config] = run_config(config, args, cache, out)
+    n_cand = sum(len(candidates[q]) for q in qids)
+    base_a = sum(results["torch-fp32"]["seconds"]) if "torch-fp32" in results else None
+    base_b = sum(results["onnx-full-int8"]["seconds"]) if "onnx-full-int8" in results else None
+    lines = [f"\n**{name}**, first {len(qids)} test queries, {n_cand} candidates, {args.threads} threads, batch "
+             f"{args.batch_size}\n",
+             "| configuration | nDCG@10 | mean layers | cand/s | ms/query p50 | p95 | peak RSS MiB | x vs (a) | "
+             "x vs (b int8) |", "|---|---|---|---|---|---|---|---|---|"]
+    for config, res in results.items():
+        metrics = evaluate(res["run"], qrels, out, f"{name}-timed-{config.replace(':', '_')}")
+        total = sum(res["seconds"])
+        ms = np.asarray(res["seconds"]) * 1000
+        label = labels.get(config, f"(c) fixed exit {config.partition(':')[2]} (int8 chain)")
+        speed_a = f"{base_a / total:.2f}" if base_a else "—"
+        speed_b = f"{base_b / total:.2f}" if base_b else "—"
+        lines.append(f"| {label} | {metrics['ndcg_cut_10']:.4f} | {np.mean(res['layers']):.2f} | {n_cand / total:.1f} "
+                     f"| {np.percentile(ms, 50):.0f} | {np.percentile(ms, 95):.0f} | {res['peak_mib']:.0f} | "
+                     f"{speed_a} | {speed_b} |")
+    return lines
+
+
+def plot(curves: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.8), squeeze=False)
+    for ax, (name, curve) in zip(axes[0], curves.items(), strict=True):
+        points = curve["points"]
+        for policy, marker in (("candidate", "o-"), ("query", "s-"), ("topk", "^-")):
+            pts = sorted((p["relative_cost"], p["ndcg10"]) for p in points if p["policy"] == policy)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker, ms=3, lw=1, label=f"cascade: {policy}")
+        fixed = [(p["relative_cost"], p["ndcg10"]) for p in points if p["policy"] == "fixed"]
+        ax.plot(*zip(*fixed, strict=True), "kD", ms=5, label="fixed exits")
+        ax.axhline(curve["bm25"], color="grey", ls=":", label="BM25")
+        ax.axhline(curve["full"] * 0.99, color="red", ls="--", lw=0.8, label="99% of full depth")
+        ax.plot([curve["default"]["cost"]], [curve["default"]["ndcg10"]], "r*", ms=12, label="tuned default")
+        ax.set_title(name)
+        ax.set_xlabel("layer-FLOPs (share of full depth)")
+        ax.set_ylabel("nDCG@10")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110)
+
+
+def run_benchmark(argv: list[str]) -> int:
+    from benchmarks.rerank_benchmark import dataset_dir
+
+    args = parse(argv)
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix="bench-", dir=args.results))
+    command = "python benchmarks/rerank_benchmark.py " + shlex.join(argv)
+    report = ["# Benchmarks", "", f"Command: `{command}`", "",
+              f"Machine: {platform.machine()}, {args.threads} threads, Python {platform.python_version()}; "
+              f"model `{args.model.relative_to(REPO) if args.model.is_relative_to(REPO) else args.model}`.", "",
+              "## Effectiveness and compute, all test queries, BM25 top-100 reranked (ONNX int8 stage chain)", "",
+              "| run | nDCG@10 | MRR@10 | R@100 | mean layers | layer-FLOPs |", "|---|---|---|---|---|---|"]
+    timing, curves = [], {}
+    for name in args.datasets:
+        data = dataset_dir(name)
+        if data is None:
+            logger.warning("skipping %s: not found in data/ or ../shared/data", name)
+            continue
+        rows, curve, context = quality(name, data, args, out)
+        curves[name] = curve
+        report.append(f"| **{name}** | | | | | |")
+        report.extend(fmt(r) for r in rows)
+        if name in args.timed_datasets:
+            timing.extend(timed(name, context, args, out))
+    report += ["", "## Side by side, timed (same candidates, each configuration in a fresh process)", *timing]
+    plot(curves, args.plot)
+    shown = args.plot.relative_to(REPO) if args.plot.is_relative_to(REPO) else args.plot
+    report += ["", f"![nDCG@10 against layer-FLOPs]({shown})", ""]
+    text = "\n".join(report) + "\n"
+    print(text)
+    (out / "report.md").write_text(text)
+    (out / "curves.json").write_text(json.dumps(curves, indent=1))
+    if args.write:
+        with atomic_write(args.write) as handle:
+            handle.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_benchmark(sys.argv[1:]))
