@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matryoshka.plugin.cascade import Cascade, CascadeResult
-from matryoshka.plugin.manifest import MANIFEST_NAME
-from matryoshka.plugin.policies import DEFAULT_TOP_K, make_policy
-from matryoshka.plugin.stats import RunStats
 from tqdm import tqdm
 
 from matryoshka.errors import MatryoshkaError, MissingInputError, OptionError
 from matryoshka.io.trec import Run, RunEntry, sort_hits
+from matryoshka.plugin.cascade import Cascade, CascadeResult
+from matryoshka.plugin.manifest import MANIFEST_NAME
+from matryoshka.plugin.policies import DEFAULT_TOP_K, make_policy
+from matryoshka.plugin.stats import RunStats
 
 logger = logging.getLogger(__name__)
 

@@ -25,6 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
+
+from matryoshka.errors import MatryoshkaError, OptionError
+from matryoshka.layout import PairLayout, prepare_tokenizer
 from matryoshka.plugin.manifest import (
     FIRST_STAGE_INPUTS,
     STAGE_OUTPUTS,
@@ -35,10 +39,6 @@ from matryoshka.plugin.manifest import (
 )
 from matryoshka.plugin.policies import ExitPolicy, StageView
 from matryoshka.plugin.session import StageSession, check_threads, open_stage, resolve_providers
-from tokenizers import Tokenizer
-
-from matryoshka.errors import MatryoshkaError, OptionError
-from matryoshka.layout import PairLayout, prepare_tokenizer
 
 logger = logging.getLogger(__name__)
 

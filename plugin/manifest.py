@@ -25,6 +25,8 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+from matryoshka.errors import DataFormatError, MissingInputError
+from matryoshka.io.atomic import atomic_write
 from matryoshka.plugin.manifest_parse import manifest_from_dict
 from matryoshka.plugin.manifest_schema import (
     CALIBRATION_KINDS,
@@ -54,9 +56,6 @@ from matryoshka.plugin.manifest_schema import (
     sha256_file,
 )
 
-from matryoshka.errors import DataFormatError, MissingInputError
-from matryoshka.io.atomic import atomic_write
-
 __all__ = ["CALIBRATION_KINDS", "FAMILIES", "FIRST_STAGE_INPUTS", "MANIFEST_NAME", "POLICY_NAMES", "PRECISIONS",
            "SCHEMA_VERSION", "STAGE_OUTPUTS", "STATE_INPUTS", "Calibration", "Compression", "ExitCalibration",
            "FileSpec", "FullGraphSpec", "Manifest", "ManifestError", "ModelInfo", "ModelIntegrityError", "PolicySpec",
@@ -69,7 +68,8 @@ logger = logging.getLogger(__name__)
 def _check_file(folder: Path, manifest_path: Path, rel: str, expected: str, what: str) -> None:
     path = folder / rel
     if not path.is_file():
-        raise MissingInputError(path, f"{what} listed in {manifest_path}", f"the model folder is incomplete; {REEXPORT}")
+        raise MissingInputError(path, f"{what} listed in {manifest_path}",
+                                f"the model folder is incomplete; {REEXPORT}")
     actual = sha256_file(path)
     if actual != expected:
         raise ModelIntegrityError(path, f"sha256 is {actual} but {manifest_path.name} expects {expected} (the file "

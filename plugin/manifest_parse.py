@@ -7,6 +7,7 @@ import math
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from matryoshka.layout import PairLayout
 from matryoshka.plugin.manifest_schema import (
     CALIBRATION_KINDS,
     FAMILIES,
@@ -31,8 +32,6 @@ from matryoshka.plugin.manifest_schema import (
     StageSpec,
     TokenizerSpec,
 )
-
-from matryoshka.layout import PairLayout
 
 
 class _Reader:

@@ -1,4 +1,4 @@
-"""Dataclasses and constants of ``manifest.json`` schema version 1 (the public API is :mod:`matryoshka.plugin.manifest`).
+"""Dataclasses and constants of ``manifest.json`` schema version 1 (public API: :mod:`matryoshka.plugin.manifest`).
 
 See the module docstring there for what is checked and how the export builds a manifest.
 """

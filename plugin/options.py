@@ -9,13 +9,12 @@ import os
 import sys
 from pathlib import Path
 
+from matryoshka.errors import DataFormatError, MissingInputError, OptionError
+from matryoshka.io.trec import read_run, read_topics, write_run
 from matryoshka.plugin.api import MatryoshkaReranker, MissingDocumentError
 from matryoshka.plugin.docs import CorpusDocs, DocumentSource, LuceneIndexDocs
 from matryoshka.plugin.manifest import POLICY_NAMES
 from matryoshka.plugin.policies import DEFAULT_TOP_K, check_threshold
-
-from matryoshka.errors import DataFormatError, MissingInputError, OptionError
-from matryoshka.io.trec import read_run, read_topics, write_run
 
 logger = logging.getLogger(__name__)
 
@@ -103,21 +102,23 @@ def _line_of(run_path: str | os.PathLike[str], qid: str, docid: str | None = Non
 
 def rerank_file(reranker: MatryoshkaReranker, run_path: str | os.PathLike[str],
                 topics_path: str | os.PathLike[str], source: DocumentSource, output: str | os.PathLike[str],
-                tag: str, depth: int | None, stats_path: str | os.PathLike[str] | None) -> None:
-    """Rerank a TREC run file and write the result atomically (then the statistics JSON, if asked for)."""
+                tag: str, depth: int | None, stats_path: str | os.PathLike[str] | None,
+                run_label: str | None = None) -> None:
+    """Rerank a TREC run file and write the result atomically (then the statistics JSON, if asked for).
+    ``run_label`` replaces the run's path in error messages (the Pyserini integration reads a temporary file)."""
     if not tag or any(ch.isspace() for ch in tag):
         raise OptionError("--tag", tag, "a non-empty word without spaces")
     run = read_run(run_path)
     topics = read_topics(topics_path)
     for qid in run.queries:
         if qid not in topics:
-            raise DataFormatError(run_path, _line_of(run_path, qid), f"query {qid!r} is not in the topics file "
-                                  f"{topics_path}", "pass the topics the run was made from")
+            raise DataFormatError(run_label or run_path, _line_of(run_path, qid), f"query {qid!r} is not in the "
+                                  f"topics file {topics_path}", "pass the topics the run was made from")
     try:
         reranked = reranker.rerank_run(run, topics, source, depth=depth, progress=True)
     except MissingDocumentError as err:
-        raise DataFormatError(run_path, _line_of(run_path, err.qid, err.docid), f"document {err.docid!r} of query "
-                              f"{err.qid!r} is not in {source.describe()}",
+        raise DataFormatError(run_label or run_path, _line_of(run_path, err.qid, err.docid),
+                              f"document {err.docid!r} of query {err.qid!r} is not in {source.describe()}",
                               "pass the index/corpus the run was retrieved from") from None
     write_run(output, reranked, tag)
     print(reranker.stats.summary(), file=sys.stderr)

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
-from matryoshka.plugin.manifest_schema import POLICY_NAMES
 
 from matryoshka.errors import OptionError
+from matryoshka.plugin.manifest_schema import POLICY_NAMES
 
 logger = logging.getLogger(__name__)
 DEFAULT_TOP_K = 10

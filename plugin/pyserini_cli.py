@@ -145,9 +145,8 @@ def run(package: str, fullname: str, run_globals: dict[str, Any]) -> None:
 
 
 def rerank_search(package: str, fullname: str, run_globals: dict[str, Any]) -> None:
-    from matryoshka.plugin.options import build_reranker, check_source_path, document_source, rerank_file
-
     from matryoshka._bootstrap import run_original_main
+    from matryoshka.plugin.options import build_reranker, check_source_path, document_source, rerank_file
 
     ours, theirs = split_argv(sys.argv[1:])
     ns = _parser().parse_args(ours)
@@ -193,7 +192,9 @@ def rerank_search(package: str, fullname: str, run_globals: dict[str, Any]) -> N
         sys.stdout.flush()
         source = document_source(index, ns.corpus, index_flag, f"--{PREFIX}corpus")
         tag = f"{_first_tag(tmp)}-matryoshka"
-        rerank_file(reranker, tmp, topics[1], source, final, tag, ns.depth, ns.stats)
+        rerank_file(reranker, tmp, topics[1], source, final, tag, ns.depth, ns.stats,
+                    run_label=f"{package} hits for --output {final}")
+        print(f"matryoshka: reranked run written to {final}", file=sys.stderr)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

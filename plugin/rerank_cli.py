@@ -16,9 +16,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from matryoshka.plugin.options import add_model_options, build_reranker, check_source_path, document_source, rerank_file
-
 from matryoshka.errors import MatryoshkaError
+from matryoshka.plugin.options import add_model_options, build_reranker, check_source_path, document_source, rerank_file
 
 logger = logging.getLogger(__name__)
 

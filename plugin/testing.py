@@ -18,6 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+from matryoshka.layout import PairLayout
 from matryoshka.plugin.manifest import (
     FIRST_STAGE_INPUTS,
     STAGE_OUTPUTS,
@@ -35,10 +39,6 @@ from matryoshka.plugin.manifest import (
     sha256_file,
     write_manifest,
 )
-from onnx import TensorProto, helper, numpy_helper
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-
-from matryoshka.layout import PairLayout
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 OPSET, IR_VERSION = 17, 8
