@@ -1,0 +1,162 @@
+"""The bi-encoder's settings and the ``dense_config.json`` sidecar of a saved dense model folder.
+
+A saved dense model is a plain Hugging Face folder (``config.json``, ``model.safetensors``, tokenizer files) that
+``transformers.AutoModel`` and Pyserini load directly, plus ``dense_config.json``: pooling, L2 normalisation, the
+query/passage prefixes (instructions), the maximum lengths, the training temperature and the package versions.
+
+Text formatting follows the Pyserini encoder class each pooling maps to, so the texts a model is trained on are the
+texts Pyserini encodes at search time:
+
+- ``mean`` / ``cls`` -> ``--encoder-class auto --pooling mean|cls`` (``AutoQueryEncoder`` / ``AutoDocumentEncoder``):
+  a prefix is joined with one space (``f"{prefix} {text}"``);
+- ``last`` -> ``--encoder-class qwen3`` (last-token pooling, left padding): the prefix is glued on
+  (``f"{prefix}{text}"``), e.g. ``"Instruct: ...\\nQuery: "``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from enum import Enum, StrEnum
+from pathlib import Path
+from typing import Any
+
+from matryoshka.errors import DataFormatError, MatryoshkaError, MissingInputError
+from matryoshka.io import atomic_write
+
+logger = logging.getLogger(__name__)
+DENSE_CONFIG_FILE = "dense_config.json"
+SCHEMA_VERSION = 1
+
+
+class DenseConfigError(MatryoshkaError, ValueError):
+    """A dense model setting that cannot be used."""
+
+
+class Pooling(StrEnum):
+    """How token states become one vector: the last real token (decoders), the masked mean or [CLS] (encoders)."""
+
+    LAST = "last"
+    MEAN = "mean"
+    CLS = "cls"
+
+
+class TrainingMode(StrEnum):
+    """The seed's two modes: ``normal`` scores each query against every passage of the batch (in-batch and, with
+    cross-device negatives, every rank's passages); ``custom`` scores a query against its own group only."""
+
+    NORMAL = "normal"
+    CUSTOM = "custom"
+
+
+def parse_enum(enum: type[Enum], name: str, value: Any) -> Any:
+    """``enum(value)`` with a one-line error naming the option and the allowed values."""
+    if isinstance(value, enum):
+        return value
+    try:
+        return enum(value)
+    except ValueError:
+        raise DenseConfigError(f"{name}={value!r} is invalid: expected one of "
+                               f"{[m.value for m in enum]}") from None
+
+
+def format_text(prefix: str, text: str, pooling: Pooling) -> str:
+    """The text as the matching Pyserini encoder class builds it (see the module docstring)."""
+    text = text.strip()
+    if not prefix:
+        return text
+    return f"{prefix}{text}" if pooling is Pooling.LAST else f"{prefix} {text}"
+
+
+@dataclass
+class DenseConfig:
+    """Everything besides the weights that encoding with a trained bi-encoder needs."""
+
+    pooling: Pooling
+    normalize: bool
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    query_max_length: int = 64
+    passage_max_length: int = 256
+    temperature: float = 1.0
+    mode: TrainingMode = TrainingMode.NORMAL
+    model_type: str = ""
+    base_model: str = ""
+    hidden_size: int = 0
+    versions: dict[str, str] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        self.pooling = parse_enum(Pooling, "pooling", self.pooling)
+        self.mode = parse_enum(TrainingMode, "mode", self.mode)
+        for name in ("query_max_length", "passage_max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                raise DenseConfigError(f"{name}={value!r} is invalid: expected an integer >= 2 (tokens)")
+        if not isinstance(self.temperature, int | float) or not self.temperature > 0:
+            raise DenseConfigError(f"temperature={self.temperature!r} is invalid: expected a number > 0")
+        if not isinstance(self.query_prefix, str) or not isinstance(self.passage_prefix, str):
+            raise DenseConfigError("query_prefix and passage_prefix must be strings (use '' for none)")
+
+    @property
+    def compensation(self) -> None:
+        """Bi-encoders have no per-exit score compensation (the shared trainer records this in its summary)."""
+        return None
+
+    @property
+    def pyserini_encoder_class(self) -> str:
+        return "qwen3" if self.pooling is Pooling.LAST else "auto"
+
+    def query_text(self, text: str) -> str:
+        return format_text(self.query_prefix, text, self.pooling)
+
+    def passage_text(self, text: str) -> str:
+        return format_text(self.passage_prefix, text, self.pooling)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["pooling"], data["mode"] = self.pooling.value, self.mode.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> DenseConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DataFormatError(source, None, f"unknown keys {unknown}", f"expected a subset of {sorted(known)}")
+        if "pooling" not in data or "normalize" not in data:
+            raise DataFormatError(source, None, "missing 'pooling' or 'normalize'", "re-save the dense model")
+        if data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+            raise DataFormatError(source, None, f"schema_version {data.get('schema_version')!r} is not supported",
+                                  f"expected {SCHEMA_VERSION}")
+        try:
+            return cls(**data)
+        except DenseConfigError as err:
+            raise DataFormatError(source, None, str(err)) from None
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        path = Path(folder) / DENSE_CONFIG_FILE
+        with atomic_write(path) as handle:
+            json.dump(self.to_dict(), handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str]) -> DenseConfig:
+        path = Path(folder) / DENSE_CONFIG_FILE
+        if not path.is_file():
+            raise MissingInputError(path, "dense model config",
+                                    "expected a folder saved by `python -m matryoshka.training.dense`")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataFormatError(path, err.lineno, f"invalid JSON ({err.msg})") from None
+        if not isinstance(data, dict):
+            raise DataFormatError(path, None, "expected a JSON object")
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def exists(cls, folder: str | os.PathLike[str]) -> bool:
+        return (Path(folder) / DENSE_CONFIG_FILE).is_file()
