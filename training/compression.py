@@ -25,8 +25,9 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from matryoshka.training.config import Compression, ModelConfigError
 from torch import Tensor, nn
+
+from matryoshka.training.config import Compression, ModelConfigError
 
 logger = logging.getLogger(__name__)
 

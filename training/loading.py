@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from matryoshka.training.config import TOKENIZER_FILE, ModelConfigError, RerankerConfig
-from matryoshka.training.families import FamilyAdapter, get_adapter, supported_model_types
 from torch import Tensor, nn
 
 from matryoshka.errors import MissingInputError
 from matryoshka.layout import PairLayout, decoder_layout, encoder_layout, lcm_of, prepare_tokenizer
+from matryoshka.training.config import TOKENIZER_FILE, ModelConfigError, RerankerConfig
+from matryoshka.training.families import FamilyAdapter, get_adapter, supported_model_types
 
 logger = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -27,6 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from matryoshka.errors import DataFormatError, MissingInputError
+from matryoshka.io import atomic_directory
+from matryoshka.layout import PairLayout
 from matryoshka.training.compensation import ExitCompensation, record_compensation
 from matryoshka.training.compression import AttentionPoolScorer, compress_passage, sample_compression
 from matryoshka.training.config import (
@@ -39,12 +45,6 @@ from matryoshka.training.config import (
     package_versions,
 )
 from matryoshka.training.families import FamilyAdapter, get_adapter
-from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
-
-from matryoshka.errors import DataFormatError, MissingInputError
-from matryoshka.io import atomic_directory
-from matryoshka.layout import PairLayout
 
 logger = logging.getLogger(__name__)
 
@@ -146,10 +146,11 @@ class LayerwiseReranker(nn.Module):
     @classmethod
     def load(cls, folder: str | os.PathLike[str], device: str | torch.device = "cpu") -> LayerwiseReranker:
         """Load a folder written by :meth:`save` (clear errors on missing or mismatched files)."""
-        from matryoshka.training.loading import backbone_from_config
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
+
+        from matryoshka.training.loading import backbone_from_config
 
         folder = Path(folder)
         config = RerankerConfig.load(folder)
@@ -162,7 +163,8 @@ class LayerwiseReranker(nn.Module):
         try:
             state = load_file(str(weights), device=str(device))
         except (SafetensorError, OSError) as exc:
-            raise DataFormatError(weights, None, f"cannot read safetensors weights ({exc})", "re-save the model") from None
+            raise DataFormatError(weights, None, f"cannot read safetensors weights ({exc})",
+                                  "re-save the model") from None
         missing, unexpected = _compare_keys(model.state_dict(), state)
         if missing or unexpected:
             raise DataFormatError(weights, None, f"weights do not match {CONFIG_FILE}: missing {missing[:5]}, "

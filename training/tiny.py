@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+
 from matryoshka.training.config import ModelConfigError
 
 logger = logging.getLogger(__name__)
