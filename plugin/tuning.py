@@ -116,21 +116,26 @@ class Recorded:
 
 
 def record_run(cascade: Cascade, run: Mapping[str, Sequence[str]], topics: Mapping[str, str],
-               texts: Mapping[str, str]) -> Recorded:
-    """Record exit scores for every (query, candidate) of ``run`` ({qid: [docid, ...]})."""
-    qids, docids, queries, passages, groups = [], [], [], [], []
-    for g, (qid, candidates) in enumerate(run.items()):
-        for docid in candidates:
-            qids.append(qid)
-            docids.append(docid)
-            queries.append(topics[qid])
-            passages.append(texts[docid])
-            groups.append(g)
-    group_ids = np.asarray(groups, dtype=np.int64)
-    scores = record_exit_scores(cascade, queries, passages, group_ids)
+               texts: Mapping[str, str], progress: bool = True) -> Recorded:
+    """Record exit scores for every (query, candidate) of ``run`` ({qid: [docid, ...]}).
+
+    One cascade call per query, as the reranker runs in Pyserini, so the batches are the same: with dynamically
+    quantized (int8) stages a score depends slightly on the other rows of its batch.
+    """
+    from tqdm import tqdm
+
+    qids, docids, groups, blocks = [], [], [], []
+    for g, (qid, candidates) in enumerate(tqdm(list(run.items()), desc="recording exit scores", unit="query",
+                                               disable=not progress)):
+        blocks.append(record_exit_scores(cascade, [topics[qid]] * len(candidates), [texts[d] for d in candidates]))
+        qids += [qid] * len(candidates)
+        docids += list(candidates)
+        groups += [g] * len(candidates)
     manifest = cascade.manifest
     residual = tuple(manifest.exit_calibration(e).residual_std for e in cascade.exits)
-    return Recorded(qids, docids, group_ids, scores, tuple(cascade.exits), residual, cascade.cumulative_cost)
+    scores = np.concatenate(blocks) if blocks else np.zeros((0, len(cascade.exits)))
+    return Recorded(qids, docids, np.asarray(groups, dtype=np.int64), scores, tuple(cascade.exits), residual,
+                    cascade.cumulative_cost)
 
 
 def sweep(recorded: Recorded, qrels: Mapping[str, Mapping[str, int]],
