@@ -198,3 +198,15 @@ def test_sample_compression_is_seeded(bases: dict[str, str]) -> None:
     assert seen == {Compression(layer, ratio) for layer in (1, 2) for ratio in (2, 4)}
     gen = torch.Generator().manual_seed(3)
     assert None in {model.sample_compression(gen, include_uncompressed=True) for _ in range(64)}
+
+
+def test_bf16_autocast_training_step_with_attention_pooling(bases: dict[str, str]) -> None:
+    model = LayerwiseReranker.build(bases["mpnet"], max_length=64, query_length=8, compress_layers=(1,),
+                                    compress_ratios=(2,), compress_method="attention").train()
+    model.gradient_checkpointing_enable()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = model(**_batch(model, QUERIES, PASSAGES), compression=Compression(1, 2))
+    scores.raw.float().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    assert float(model.compress_scorer.proj.weight.grad.abs().sum()) > 0

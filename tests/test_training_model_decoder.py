@@ -86,3 +86,22 @@ def test_compression_shortens_the_passage_and_keeps_the_suffix(model: LayerwiseR
     for row in range(len(QUERIES)):
         real = state.position_ids[row][state.attention_mask[row].bool()]
         assert bool((real[1:] > real[:-1]).all())
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "gemma"])
+def test_other_decoders_match_their_causal_lm(tmp_path, model_type: str) -> None:  # noqa: ANN001
+    from transformers import AutoModelForCausalLM
+
+    base = str(make_tiny_base(tmp_path / model_type, model_type, num_layers=2, hidden=32, heads=4, seed=4))
+    model = LayerwiseReranker.build(base, exits=[1, 2], max_length=64, query_length=8).eval()
+    lm = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager").eval()
+    batch = _batch(model, QUERIES[:2], PASSAGES[:2])
+    with torch.no_grad():
+        scores = model(**batch)
+        alone = model(**_batch(model, QUERIES[1:2], PASSAGES[1:2]))
+        for row in range(2):
+            keep = batch["attention_mask"][row].bool()
+            logits = lm(input_ids=batch["input_ids"][row][keep][None]).logits
+            assert float(scores.raw_at(2)[row]) == pytest.approx(float(logits[0, -1, model.config.yes_token_id]),
+                                                                abs=1e-4)
+    assert torch.allclose(scores.calibrated[:, 1], alone.calibrated[:, 0], atol=1e-4)

@@ -62,6 +62,13 @@ class ExitCompensation(nn.Module):
         return self.scale * (raw + self.adapter(hidden).squeeze(-1)) + self.bias
 
 
+def is_identity(module: ExitCompensation) -> bool:
+    """True while the compensation is still its initial identity (scale 1, bias 0, zero adapter output layer)."""
+    out = module.adapter[2]
+    return (float(module.scale.detach()) == 1.0 and float(module.bias.detach()) == 0.0
+            and not bool(out.weight.detach().any()) and not bool(out.bias.detach().any()))
+
+
 def trainable_exits(model: LayerwiseReranker) -> tuple[int, ...]:
     """The exits whose compensation trains: all but the final (reference) exit."""
     return tuple(model.config.exits[:-1])
@@ -139,7 +146,8 @@ def record_compensation(model: LayerwiseReranker, residual_std: Mapping[int, flo
             entry["residual_std"] = previous[str(exit_layer)]["residual_std"]
         per_exit[str(exit_layer)] = entry
     info = dict(model.config.compensation or {})
-    info.update({"kind": COMPENSATION_KIND, "adapter_hidden": model.config.adapter_hidden, "per_exit": per_exit})
+    info.update({"kind": COMPENSATION_KIND, "adapter_hidden": model.config.adapter_hidden, "per_exit": per_exit,
+                 "trained": not all(is_identity(model.compensation[str(e)]) for e in model.config.exits)})
     if measured_on is not None:
         info["residuals_measured_on"] = measured_on
     model.config.compensation = info

@@ -58,8 +58,9 @@ def pool_chunks(hidden: Tensor, mask: Tensor, positions: Tensor, ratio: int, met
     elif method == "attention":
         if scorer is None:
             raise ModelConfigError("compress_method='attention' needs an AttentionPoolScorer: expected a scorer")
-        scores = scorer(h).masked_fill(m == 0, torch.finfo(h.dtype).min)
-        weights = torch.softmax(scores, dim=-1) * valid
+        scores = scorer(h)
+        scores = scores.float().masked_fill(m == 0, torch.finfo(torch.float32).min)   # fp32 softmax (autocast-safe)
+        weights = torch.softmax(scores, dim=-1).to(h.dtype) * valid
     else:
         raise ModelConfigError(f"compress_method={method!r} is invalid: expected 'mean' or 'attention'")
     total = weights.sum(dim=-1, keepdim=True)

@@ -1,4 +1,4 @@
-"""Tiny random base models on disk (BERT, MPNet, XLM-R, Llama), for tests and smoke runs of every part.
+"""Tiny random base models on disk (BERT, MPNet, XLM-R, Llama, Mistral, Qwen2, Gemma) for tests and smoke runs.
 
 ``make_tiny_base(folder, "bert")`` writes a Hugging Face folder (``config.json``, ``model.safetensors``,
 ``tokenizer.json``) with a handful of layers, hidden size 32-64 and a word-level tokenizer over :data:`WORDS`, so
@@ -26,7 +26,11 @@ SPECIALS = {
     "mpnet": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
     "xlm-roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
     "llama": ["<unk>", "<s>", "</s>"],
+    "mistral": ["<unk>", "<s>", "</s>"],
+    "qwen2": ["<unk>", "<s>", "</s>"],
+    "gemma": ["<unk>", "<s>", "</s>"],
 }
+DECODERS = ("llama", "mistral", "qwen2", "gemma")
 
 
 def _tokenizer(model_type: str):
@@ -37,13 +41,21 @@ def _tokenizer(model_type: str):
     unk = "[UNK]" if model_type == "bert" else "<unk>"
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    if model_type == "llama":
+    if model_type in DECODERS:
         tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return tokenizer, len(vocab)
 
 
 def _config(model_type: str, vocab_size: int, num_layers: int, hidden: int, heads: int):
-    from transformers import BertConfig, LlamaConfig, MPNetConfig, XLMRobertaConfig
+    from transformers import (
+        BertConfig,
+        GemmaConfig,
+        LlamaConfig,
+        MistralConfig,
+        MPNetConfig,
+        Qwen2Config,
+        XLMRobertaConfig,
+    )
 
     common = {"vocab_size": vocab_size, "hidden_size": hidden, "num_hidden_layers": num_layers,
               "num_attention_heads": heads, "intermediate_size": 2 * hidden, "max_position_embeddings": 512}
@@ -53,13 +65,19 @@ def _config(model_type: str, vocab_size: int, num_layers: int, hidden: int, head
         return MPNetConfig(**common, pad_token_id=1, bos_token_id=0, eos_token_id=2)
     if model_type == "xlm-roberta":
         return XLMRobertaConfig(**common, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2)
-    return LlamaConfig(**common, num_key_value_heads=max(1, heads // 2), bos_token_id=1, eos_token_id=2,
-                       pad_token_id=None, tie_word_embeddings=False)
+    decoder = {"num_key_value_heads": max(1, heads // 2), "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}
+    if model_type == "mistral":
+        return MistralConfig(**common, **decoder, sliding_window=4096, tie_word_embeddings=False)
+    if model_type == "qwen2":
+        return Qwen2Config(**common, **decoder, tie_word_embeddings=True)
+    if model_type == "gemma":
+        return GemmaConfig(**common, **decoder, head_dim=hidden // heads, tie_word_embeddings=True)
+    return LlamaConfig(**common, **decoder, tie_word_embeddings=False)
 
 
 def make_tiny_base(folder: str | os.PathLike[str], model_type: str = "bert", num_layers: int = 4,
                    hidden: int = 32, heads: int = 4, seed: int = 0) -> Path:
-    """Write a tiny random base model folder of ``model_type`` (bert | mpnet | xlm-roberta | llama)."""
+    """Write a tiny random base model folder of ``model_type`` (a key of :data:`SPECIALS`)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     if model_type not in SPECIALS:
@@ -70,7 +88,7 @@ def make_tiny_base(folder: str | os.PathLike[str], model_type: str = "bert", num
     config = _config(model_type, vocab_size, num_layers, hidden, heads)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = (AutoModelForCausalLM if model_type == "llama" else AutoModel).from_config(config)
+        model = (AutoModelForCausalLM if model_type in DECODERS else AutoModel).from_config(config)
     model.save_pretrained(str(folder))
     tokenizer.save(str(folder / "tokenizer.json"))
     logger.info("wrote tiny %s model to %s", model_type, folder)
