@@ -20,7 +20,7 @@ from matryoshka.export.errors import ExportError
 from matryoshka.export.manifest_builder import build_manifest
 from matryoshka.export.reference import Batch, StageOutput, graph_inputs, make_batch, reference_outputs
 from matryoshka.export.spec import GraphSpec, full_graph_spec, stage_specs
-from matryoshka.export.torch_export import MIN_OPSET, export_graph
+from matryoshka.export.torch_export import MIN_OPSET, export_graph, max_opset
 from matryoshka.export.validate import DEFAULT_CRITERIA, Criteria, FileReport, enforce, validate_precision
 from matryoshka.export.variants import convert_fp16, optimize, quantize_int8
 from matryoshka.io import atomic_directory
@@ -102,8 +102,9 @@ def export_checkpoint(checkpoint: str | Path, outdir: str | Path, options: Expor
     """Export ``checkpoint`` to ``outdir`` (see the module docstring). Raises an :class:`ExportError` subclass."""
     options = options or ExportOptions()
     checkpoint, outdir = Path(checkpoint), Path(outdir)
-    if options.opset < MIN_OPSET:
-        raise ExportError(f"--opset {options.opset} is invalid: expected >= {MIN_OPSET}")
+    if not MIN_OPSET <= options.opset <= max_opset():
+        raise ExportError(f"--opset {options.opset} is invalid: expected >= {MIN_OPSET} and <= {max_opset()} (the "
+                          f"highest opset torch {_torch_version()} exports without dynamo)")
     check_output(outdir, options.overwrite)
     raw_config = check_checkpoint(checkpoint)
     precisions = options.precisions()
@@ -137,6 +138,12 @@ def export_checkpoint(checkpoint: str | Path, outdir: str | Path, options: Expor
         return ExportResult(outdir, manifest, all_reports)
     finally:
         bar.close()
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def _share(folder: Path) -> None:

@@ -29,6 +29,13 @@ logger = logging.getLogger(__name__)
 MIN_OPSET = 17
 
 
+def max_opset() -> int:
+    """The highest opset the TorchScript exporter of the installed torch writes."""
+    from torch.onnx import _constants
+
+    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", MIN_OPSET))
+
+
 @torch.inference_mode(False)
 def export_graph(model: LayerwiseReranker, spec: GraphSpec, sample: Batch, path: Path, opset: int) -> Path:
     """Export ``spec`` of ``model`` traced on ``sample`` to ``path`` (float32), with the declared interface."""

@@ -71,6 +71,8 @@ def test_missing_checkpoint_folder_and_bad_opset(tmp_path: Path, checkpoint: Pat
         export_checkpoint(tmp_path / "nope", tmp_path / "model")
     with pytest.raises(MatryoshkaError, match="--opset 13 is invalid: expected >= 17"):
         export_checkpoint(checkpoint, tmp_path / "model", ExportOptions(opset=13))
+    with pytest.raises(MatryoshkaError, match="--opset 99 is invalid: expected >= 17 and <= "):
+        export_checkpoint(checkpoint, tmp_path / "model", ExportOptions(opset=99))
     assert _leftovers(tmp_path) == []
 
 
