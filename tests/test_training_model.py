@@ -40,6 +40,11 @@ def _no_dropout(model: LayerwiseReranker) -> LayerwiseReranker:
 @pytest.mark.parametrize("model_type", ["bert", "mpnet", "xlm-roberta"])
 def test_layer_loop_reproduces_hf_backbone(bases: dict[str, str], model_type: str) -> None:
     model = LayerwiseReranker.build(bases[model_type], max_length=64, query_length=8).eval()
+    tok = model.tokenizer.token_to_id
+    expected = ("[CLS]", "[SEP]", "[PAD]") if model_type == "bert" else ("<s>", "</s>", "<pad>")   # not the decoys
+    layout = model.layout
+    assert (layout.prefix_ids, layout.query_suffix_ids, layout.pad_id) == ((tok(expected[0]),), (tok(expected[1]),),
+                                                                           tok(expected[2]))
     batch = _batch(model, QUERIES, PASSAGES)
     assert batch["token_type_ids"].sum() > 0 and (batch["attention_mask"] == 0).any()   # token types + mid padding
     with torch.no_grad():

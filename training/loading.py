@@ -29,6 +29,7 @@ from matryoshka.training.families import FamilyAdapter, get_adapter, supported_m
 
 logger = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+GENERIC_FOLDER_NAMES = ("model", "models", "checkpoint", "weights", "base")
 DROPPED_CONFIG_KEYS = ("quantization_config", "_name_or_path", "transformers_version", "torch_dtype", "dtype")
 
 
@@ -68,12 +69,31 @@ class BaseModel:
                                    f"{int(limit) - 2} (max_position_embeddings={limit})")
         try:
             if self.adapter.family == "encoder":
-                return encoder_layout(self.tokenizer, max_length, query_length, multiple)
+                specials = _encoder_specials(self.tokenizer, self.hf_config)
+                if specials is None:
+                    return encoder_layout(self.tokenizer, max_length, query_length, multiple)
+                cls, sep, pad = specials
+                return PairLayout("encoder", max_length, query_length, multiple, pad, prefix_ids=(cls,),
+                                  query_suffix_ids=(sep,), passage_suffix_ids=(sep,))
             bos, pad = _bos_id(self.tokenizer), _pad_id(self.hf_config)
             return decoder_layout(self.tokenizer, max_length, query_length, multiple, bos_id=bos, pad_id=pad)
         except ValueError as exc:
             raise ModelConfigError(f"cannot lay out pairs with max_length={max_length}, query_length={query_length}, "
                                    f"passage_multiple={multiple}: {exc}") from None
+
+
+def _encoder_specials(tokenizer: Any, hf_config: Any) -> tuple[int, int, int] | None:
+    """(cls, sep, pad) as the tokenizer's own post-processor and the model config use them, when both say.
+
+    Looking tokens up by name is not enough: MPNet's vocabulary also holds BERT's ``[CLS]``/``[PAD]``, but the model
+    uses ``<s>``/``</s>`` and pads with id 1 (its position ids count tokens that differ from the pad id).
+    """
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    special = tokenizer.encode("a", add_special_tokens=True).ids
+    pad = getattr(hf_config, "pad_token_id", None)
+    if pad is None or len(special) != len(plain) + 2 or special[1:-1] != plain:
+        return None
+    return int(special[0]), int(special[-1]), int(pad)
 
 
 def _bos_id(tokenizer: Any) -> int | None:
@@ -161,7 +181,10 @@ def load_base(base_model_dir: str | os.PathLike[str], gguf_file: str | None = No
     else:
         backbone = AutoModel.from_pretrained(str(folder), **common, **adapter.load_kwargs())
     backbone.config._attn_implementation = "eager"
-    name = f"{folder.name}/{gguf}" if gguf else folder.name
+    label = folder.resolve().name
+    if label.lower() in GENERIC_FOLDER_NAMES:
+        label = f"{folder.resolve().parent.name}/{label}"
+    name = f"{label}/{gguf}" if gguf else label
     return BaseModel(name, model_type, backbone.config, backbone, tokenizer, adapter, yes_id, yes_row)
 
 

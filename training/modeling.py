@@ -102,11 +102,12 @@ class LayerwiseReranker(nn.Module):
               compress_ratios: tuple[int, ...] | list[int] = (), compress_method: str = "mean",
               max_length: int = 256, query_length: int = 32,
               inference_compression: Compression | dict[str, int] | None = None, adapter_hidden: int = 64,
-              gguf_file: str | None = None, seed: int = 0) -> LayerwiseReranker:
+              gguf_file: str | None = None, seed: int = 0, name: str | None = None) -> LayerwiseReranker:
         """A new reranker on the base model in ``base_model_dir`` (HF folder, or a folder with one GGUF file).
 
         ``exits``: ascending 1-based layers ending at the last layer. When omitted: every layer from
         ``start_layer`` on if given, otherwise the thirds ``[L//3, 2L//3, L]``. Heads are seeded with ``seed``.
+        ``name`` is recorded as ``config.base_model`` (default: the folder's name).
         """
         from matryoshka.training.loading import default_exits, load_base
 
@@ -115,8 +116,8 @@ class LayerwiseReranker(nn.Module):
         exits = tuple(exits) if exits is not None else default_exits(num_layers, start_layer)
         layout = base.make_layout(max_length, query_length, tuple(compress_ratios))
         config = RerankerConfig(
-            family=base.adapter.family, model_type=base.model_type, base_model=base.name, num_layers=num_layers,
-            hidden_size=int(base.hf_config.hidden_size), exits=exits, layout=layout.to_dict(),
+            family=base.adapter.family, model_type=base.model_type, base_model=name or base.name,
+            num_layers=num_layers, hidden_size=int(base.hf_config.hidden_size), exits=exits, layout=layout.to_dict(),
             backbone_config=base.backbone_config_dict(), compress_layers=tuple(compress_layers),
             compress_ratios=tuple(compress_ratios), compress_method=compress_method,
             inference_compression=inference_compression, yes_token_id=base.yes_token_id,

@@ -37,12 +37,16 @@ def _tokenizer(model_type: str):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     specials = SPECIALS[model_type]
-    vocab = {tok: i for i, tok in enumerate([*specials, *WORDS])}
+    decoys = ["[CLS]", "[SEP]", "[PAD]"] if model_type in ("mpnet", "xlm-roberta") else []
+    vocab = {tok: i for i, tok in enumerate([*specials, *WORDS, *decoys])}
     unk = "[UNK]" if model_type == "bert" else "<unk>"
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     if model_type in DECODERS:
         tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    elif model_type != "bert":   # like the real MPNet/XLM-R tokenizers: <s> $A </s>, with BERT's names in the vocab
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
+                                                                 special_tokens=[("<s>", 0), ("</s>", 2)])
     return tokenizer, len(vocab)
 
 
