@@ -19,6 +19,7 @@ from matryoshka.errors import DataFormatError, MissingInputError, OptionError
 
 PHASES = ("layerwise_ce", "self_distill", "compensation")
 DEVICES = ("auto", "cpu", "cuda")
+STRATEGIES = ("final", "next_deeper", "anchors", "teacher")
 
 
 def parse_arguments(types: Sequence[type], argv: Sequence[str] | None, prog: str | None = None) -> tuple[Any, ...]:
@@ -106,7 +107,10 @@ class TrainArguments:
     teacher_weight: float = field(default=1.0, metadata={"help": "weight of the KL to the teacher file's scores"})
     teacher_scale: float = field(default=1.0, metadata={"help": "teacher scores are multiplied by this first"})
     distill_weight: float = field(default=1.0, metadata={"help": "self-distillation weight (deeper -> shallower)"})
-    compensation_weight: float = field(default=1.0, metadata={"help": "weight of the score-gap term"})
+    distill_strategy: str = field(default="final", metadata={
+        "help": "who teaches whom: final | next_deeper | anchors | teacher"})
+    anchors: list[int] = field(default_factory=list, metadata={"help": "anchor exits of the 'anchors' strategy"})
+    gap_weight: float = field(default=1.0, metadata={"help": "compensation phase: weight of the score-gap term"})
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept (oldest removed)"})
     logging_steps: int = field(default=10, metadata={"help": "write a log.jsonl line every N steps"})
@@ -129,6 +133,8 @@ class TrainArguments:
                   ("head_learning_rate", self.head_learning_rate >= 0, ">= 0"),
                   ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
                   ("temperature", self.temperature > 0, "> 0"),
+                  ("distill_strategy", self.distill_strategy in STRATEGIES, f"one of {list(STRATEGIES)}"),
+                  ("teacher_weight", self.teacher_weight >= 0, ">= 0"),
                   ("save_steps", self.save_steps >= 0, ">= 0"),
                   ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
                   ("logging_steps", self.logging_steps >= 1, ">= 1"),
