@@ -97,16 +97,16 @@ def op_counts(path: Path) -> Counter[str]:
 
 
 @contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """onnxruntime.quantization logs every skipped tensor on the root logger (INFO) and advises pre-processing
-    (WARNING; on MiniLM it changed neither the int8 error nor the speed): keep both out of the CLI output."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
+def _quiet_onnxruntime() -> Iterator[None]:
+    """onnxruntime's quantizer logs every skipped tensor (INFO) and advises pre-processing (WARNING; on MiniLM it
+    changed neither the int8 error nor the speed); the optimizer's shape inference warns about every shape it cannot
+    decide. They log on the root and module loggers: mute WARNING and below while they run (errors still show)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     try:
         yield
     finally:
-        root.setLevel(level)
+        logging.disable(previous)
 
 
 def quantize_int8(src: Path, dst: Path, spec: GraphSpec, fused: bool = False) -> Path:
@@ -120,7 +120,7 @@ def quantize_int8(src: Path, dst: Path, spec: GraphSpec, fused: bool = False) ->
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT} if fused else None
-    with _quiet_root_logger():
+    with _quiet_onnxruntime():
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Attention"],
                          weight_type=QuantType.QInt8, per_channel=False, reduce_range=False, extra_options=extra)
     return save(finalize_graph(onnx.load(str(dst)), spec, check=not fused), dst)
@@ -145,8 +145,9 @@ def optimize(src: Path, dst: Path, spec: GraphSpec, family: str, num_heads: int,
     """
     from onnxruntime.transformers.optimizer import optimize_model
 
-    optimized = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
-                               opt_level=0, use_gpu=False)
+    with _quiet_onnxruntime():
+        optimized = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                                   opt_level=0, use_gpu=False)
     model = finalize_graph(optimized.model, spec, check=False)
     save(model, dst)
     fused = Counter(n.op_type for n in model.graph.node if n.op_type in FUSED_OPS)
