@@ -33,6 +33,10 @@ HYBRID_COMMANDS = ("dense", "sparse", "fusion", "run")
 GROUP_TITLE = "reranking (pyserini-matryoshka)"
 
 
+class UnknownOptionError(MatryoshkaError):
+    """A ``--matryoshka.*`` flag that does not exist (a typo)."""
+
+
 def define_reranker_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Add ``--reranker`` and the ``--matryoshka.*`` options (as one group) to ``parser``."""
     from matryoshka.plugin.options import add_model_options
@@ -76,7 +80,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
         name = token.split("=", 1)[0]
         if name == "--reranker" or name.startswith(f"--{PREFIX}"):
             if name not in known:
-                raise OptionError(name, token, f"one of {', '.join(sorted(known))}")
+                raise UnknownOptionError(f"unknown option {name}: expected one of {', '.join(sorted(known))}")
             ours.append(token)
             if "=" not in token and i + 1 < len(argv):
                 ours.append(argv[i + 1])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from matryoshka.errors import OptionError
+from matryoshka.errors import MatryoshkaError
 from matryoshka.plugin.pyserini_cli import _parser, find_option, reranker_help, split_argv
 
 LUCENE = "pyserini.search.lucene.__main__"
@@ -23,7 +23,7 @@ def test_split_argv_takes_only_our_flags() -> None:
 
 
 def test_unknown_matryoshka_flag() -> None:
-    with pytest.raises(OptionError, match="--matryoshka.treshold"):
+    with pytest.raises(MatryoshkaError, match="unknown option --matryoshka.treshold: expected one of"):
         split_argv(["--matryoshka.treshold", "0.5"])
 
 
