@@ -78,7 +78,8 @@ def _tokens_for(layout: PairLayout, segment: int) -> int:
 
 def sample_batches(layout: PairLayout, vocab_size: int, seed: int) -> tuple[Batch, list[Batch]]:
     """The export sample (batch 2, a middle passage size) and validation batches of other batch and sequence sizes:
-    3 pairs at the largest passage size, 1 at the smallest, and 16 of mixed lengths (for rank correlations)."""
+    3 pairs at the largest passage size, 1 at the smallest, and 24 of mixed lengths and query overlaps (for rank
+    correlations)."""
     sizes = passage_sizes(layout)
     mid, low, high = sizes[len(sizes) // 2], sizes[0], sizes[-1]
     if len(sizes) < 3:
@@ -86,10 +87,11 @@ def sample_batches(layout: PairLayout, vocab_size: int, seed: int) -> tuple[Batc
                        sizes)
     sample = make_batch(layout, [_tokens_for(layout, mid), max(_tokens_for(layout, mid) - 3, 1)], vocab_size, seed)
     rng = np.random.default_rng(seed + 1)
-    mixed = [int(rng.integers(1, layout.passage_budget + 1)) for _ in range(16)]
+    mixed = [int(rng.integers(1, layout.passage_budget + 1)) for _ in range(24)]
+    overlaps = rng.permutation(np.linspace(0.0, 0.9, len(mixed)))
     batches = [make_batch(layout, [_tokens_for(layout, high)] + [_tokens_for(layout, low)] * 2, vocab_size, seed + 2),
                make_batch(layout, [_tokens_for(layout, low)], vocab_size, seed + 3),
-               make_batch(layout, mixed, vocab_size, seed + 4)]
+               make_batch(layout, mixed, vocab_size, seed + 4, overlaps)]
     return sample, batches
 
 

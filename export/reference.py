@@ -54,18 +54,26 @@ class GraphModule(nn.Module):
 
 
 def make_batch(layout: PairLayout, passage_lengths: Sequence[int], vocab_size: int, seed: int,
-               query_length: int | None = None) -> Batch:
+               overlaps: Sequence[float] | None = None) -> Batch:
     """A batch of random token ids laid out by ``layout`` (one pair per passage length), with ``position_ids``.
 
     Ids are drawn from the upper three quarters of the vocabulary (ordinary tokens, not the specials at its start).
-    Queries have varied lengths too, so padding occurs inside segment A and B.
+    Queries have varied lengths too, so padding occurs inside segment A and B. ``overlaps[i]`` is the share of
+    passage i's tokens copied from its query: lexical overlap spreads a trained reranker's scores, so that rank
+    agreement of quantized variants is measured on scores that differ (random pairs all look irrelevant).
     """
     rng = np.random.default_rng(seed)
     low = min(vocab_size // 4, 1000)
-    budget = layout.query_budget if query_length is None else min(query_length, layout.query_budget)
-    queries = [rng.integers(low, vocab_size, int(rng.integers(1, budget + 1))).tolist() for _ in passage_lengths]
-    passages = [rng.integers(low, vocab_size, max(int(n), 1)).tolist() for n in passage_lengths]
-    batch = layout.assemble(queries, passages)
+    budget = layout.query_budget
+    queries = [rng.integers(low, vocab_size, int(rng.integers(1, budget + 1))) for _ in passage_lengths]
+    passages = []
+    for i, (query, n) in enumerate(zip(queries, passage_lengths, strict=True)):
+        passage = rng.integers(low, vocab_size, max(int(n), 1))
+        if overlaps is not None:
+            copied = rng.random(len(passage)) < overlaps[i]
+            passage[copied] = rng.choice(query, int(copied.sum()))
+        passages.append(passage.tolist())
+    batch = layout.assemble([q.tolist() for q in queries], passages)
     if "position_ids" not in batch:  # encoders: 0..S-1 (the contract's stage-1 input; BERT ignores it)
         seq = batch["input_ids"].shape[1]
         batch["position_ids"] = np.broadcast_to(np.arange(seq, dtype=np.int64), batch["input_ids"].shape).copy()
