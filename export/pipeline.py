@@ -42,6 +42,7 @@ class ExportOptions:
     overwrite: bool = False
     name: str | None = None  # model name in the manifest (default: the checkpoint folder's name)
     seed: int = 0
+    #: per-precision pass criteria; precisions not listed use DEFAULT_CRITERIA
     criteria: dict[str, Criteria] = field(default_factory=lambda: dict(DEFAULT_CRITERIA))
 
     def precisions(self) -> list[str]:
@@ -101,7 +102,11 @@ def _vocab_size(model: LayerwiseReranker) -> int:
 
 def export_checkpoint(checkpoint: str | Path, outdir: str | Path, options: ExportOptions | None = None,
                       progress: bool = False) -> ExportResult:
-    """Export ``checkpoint`` to ``outdir`` (see the module docstring). Raises an :class:`ExportError` subclass."""
+    """Export ``checkpoint`` to ``outdir`` (see the module docstring).
+
+    Raises a :class:`~matryoshka.errors.MatryoshkaError` (bad checkpoint, bad option, output exists, a file that
+    fails validation); ``outdir`` is then left as it was.
+    """
     options = options or ExportOptions()
     checkpoint, outdir = Path(checkpoint), Path(outdir)
     if not MIN_OPSET <= options.opset <= max_opset():
@@ -192,5 +197,5 @@ def _validate(precision: str, stages: Sequence[GraphSpec], full: GraphSpec | Non
     for rep in reports:
         logger.info("%s/%s: score max|diff| %.3g (score std %.3g), hidden max|diff| %.3g, Spearman %.4f", precision,
                     rep.graph, rep.score_atol, rep.score_std, rep.hidden_atol, rep.spearman)
-    enforce(reports, criteria[precision])
+    enforce(reports, criteria.get(precision, DEFAULT_CRITERIA[precision]))
     return reports
