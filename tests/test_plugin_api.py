@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from matryoshka.errors import MatryoshkaError, MissingInputError, OptionError
+from matryoshka.io.trec import Run, RunEntry
 from matryoshka.plugin import api
 from matryoshka.plugin.api import InputTextError, MatryoshkaReranker, MissingDocumentError, MissingTopicError
 from matryoshka.plugin.stats import RunStats
 from matryoshka.plugin.testing import build_synthetic_model
-
-from matryoshka.errors import MatryoshkaError, MissingInputError, OptionError
-from matryoshka.io.trec import Run, RunEntry
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "scifact-mini"
 
@@ -128,3 +128,17 @@ def test_run_stats_arithmetic(tmp_path: Path) -> None:
 def test_every_error_is_a_matryoshka_error() -> None:
     for cls in (InputTextError, MissingDocumentError, MissingTopicError):
         assert issubclass(cls, MatryoshkaError)
+
+
+def test_predict_chunks_keep_whole_queries(monkeypatch: pytest.MonkeyPatch, model_dir: Path,
+                                           corpus: dict[str, str]) -> None:
+    reranker = MatryoshkaReranker(model_dir, policy="query", threshold=0.3, batch_size=4, threads=1)
+    docs = list(corpus.values())[:21]
+    pairs = [(("alpha", "beta", "gamma")[i % 3], d) for i, d in enumerate(docs)]  # interleaved queries
+    whole = reranker.predict(pairs)
+    monkeypatch.setattr(api, "MAX_CANDIDATES_PER_CALL", 5)  # 7 candidates per query: one query per call
+    chunked = reranker.predict(pairs)
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    stages = reranker.last_result.exit_stage
+    for q in range(3):
+        assert len(set(stages[q::3].tolist())) == 1  # the query policy still saw each query whole
