@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+
+from matryoshka.errors import MatryoshkaError, OptionError
 from matryoshka.plugin.cascade import Cascade
 from matryoshka.plugin.manifest import Calibration, ExitCalibration, ModelIntegrityError, load_manifest, write_manifest
 from matryoshka.plugin.policies import make_policy
 from matryoshka.plugin.session import ProviderUnavailableError, resolve_providers
 from matryoshka.plugin.testing import build_synthetic_model
-
-from matryoshka.errors import MatryoshkaError, OptionError
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "scifact-mini"
 

@@ -6,6 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from matryoshka.errors import MatryoshkaError, MissingInputError
+from matryoshka.layout import PairLayout
 from matryoshka.plugin.manifest import (
     FIRST_STAGE_INPUTS,
     MANIFEST_NAME,
@@ -26,10 +30,6 @@ from matryoshka.plugin.manifest import (
     sha256_file,
     write_manifest,
 )
-from tokenizers import Tokenizer, models, pre_tokenizers
-
-from matryoshka.errors import MatryoshkaError, MissingInputError
-from matryoshka.layout import PairLayout
 
 EXITS = (2, 4, 6)
 

@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+
+from matryoshka.errors import OptionError
 from matryoshka.plugin.policies import (
     CandidatePolicy,
     FixedPolicy,
@@ -16,8 +18,6 @@ from matryoshka.plugin.policies import (
     make_policy,
     sigmoid,
 )
-
-from matryoshka.errors import OptionError
 
 
 def view(scores: list[float], alive: list[int] | None = None, groups: list[int] | None = None, exit_layer: int = 2,

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from matryoshka.plugin.rerank_cli import main
-from matryoshka.plugin.testing import build_synthetic_model
 
 from matryoshka.io.trec import read_run
+from matryoshka.plugin.rerank_cli import main
+from matryoshka.plugin.testing import build_synthetic_model
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "scifact-mini"
 
