@@ -188,3 +188,22 @@ def test_atomic_write_and_directory_clean_up_on_error(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="already exists"):
         with atomic_directory(folder):
             pass
+
+
+def test_corpus_non_utf8_names_its_line(tmp_path: Path) -> None:
+    lines = b"".join(b'{"_id": "d%d", "text": "%s"}\n' % (i, b"x" * 5000) for i in range(20))
+    root = make_beir(tmp_path / "b", "", "query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    write(root / "corpus.jsonl", lines + b'{"_id": "bad", "text": "caf\xe9"}\n')
+    with pytest.raises(DataFormatError, match=r"corpus.jsonl:21: not valid UTF-8"):
+        load_beir(root, "test")
+
+
+def test_written_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    out = tmp_path / "run.txt"
+    write_run(out, {"q": {"a": 1.0}}, tag="t")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask

@@ -11,6 +11,13 @@ from pathlib import Path
 from typing import IO
 
 
+def _default_mode() -> int:
+    """What ``open()`` would give a new file: 0o666 minus the umask (mkstemp alone gives 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Write to a temporary file next to ``path`` and move it in place on success (removed on any error)."""
@@ -22,6 +29,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | 
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

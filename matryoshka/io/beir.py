@@ -35,24 +35,25 @@ def iter_corpus(path: PathLike) -> Iterator[tuple[int, Document]]:
     p = Path(path)
     if not p.is_file():
         raise MissingInputError(p, "corpus file", "a BEIR folder needs corpus.jsonl")
-    with p.open(encoding="utf-8", errors="strict") as handle:
-        number = 0
-        try:
-            for number, line in enumerate(handle, start=1):  # noqa: B007 - number is used after the loop
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataFormatError(p, number, f"invalid JSON ({err.msg} at column {err.colno})") from None
-                if not isinstance(record, dict) or "_id" not in record:
-                    raise DataFormatError(p, number, "expected a JSON object with '_id', 'title' and 'text'")
-                docid = str(record["_id"]).strip()
-                if not docid or any(ch.isspace() for ch in docid):
-                    raise DataFormatError(p, number, f"document id {record['_id']!r} is empty or contains spaces")
-                yield number, Document(docid, str(record.get("title") or ""), str(record.get("text") or ""))
-        except UnicodeDecodeError as err:
-            raise DataFormatError(p, number + 1, f"not valid UTF-8 ({err.reason})", "re-encode as UTF-8") from None
+    with p.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(p, number, f"not valid UTF-8 ({err.reason} at byte {err.start})",
+                                      "re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(p, number, f"invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict) or "_id" not in record:
+                raise DataFormatError(p, number, "expected a JSON object with '_id', 'title' and 'text'")
+            docid = str(record["_id"]).strip()
+            if not docid or any(ch.isspace() for ch in docid):
+                raise DataFormatError(p, number, f"document id {record['_id']!r} is empty or contains spaces")
+            yield number, Document(docid, str(record.get("title") or ""), str(record.get("text") or ""))
 
 
 def load_corpus(path: PathLike) -> Corpus:
