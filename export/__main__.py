@@ -32,6 +32,7 @@ class ExportArgs:
     checkpoint: Path
     outdir: Path
     int8: bool = False
+    int8_mode: str = "auto"
     fp16: bool = False
     optimize: bool = False
     opset: int = 17
@@ -49,6 +50,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ExportArgs:
                         "tokenizer.json)")
     parser.add_argument("outdir", type=Path, help="model folder to create")
     parser.add_argument("--int8", action="store_true", help="also write int8 (dynamic quantization, CPU) stages")
+    parser.add_argument("--int8-mode", choices=["auto", "per-channel", "per-tensor"], default="auto",
+                        help="int8 weight scales; auto (default) validates both and keeps the smaller score error")
     parser.add_argument("--fp16", action="store_true", help="also write fp16 stages (for the CUDA provider)")
     parser.add_argument("--optimize", action="store_true", help="also write onnxruntime-optimized (fused) stages "
                         "('optimized', and 'optimized-int8' with --int8)")
@@ -77,8 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("matryoshka").setLevel(logging.INFO if args.verbose else logging.WARNING)
     from matryoshka.export.pipeline import ExportOptions, export_checkpoint
 
-    options = ExportOptions(int8=args.int8, fp16=args.fp16, optimize=args.optimize, opset=args.opset,
-                            full_graph=args.full_graph, overwrite=args.overwrite, name=args.name)
+    options = ExportOptions(int8=args.int8, int8_mode=args.int8_mode, fp16=args.fp16, optimize=args.optimize,
+                            opset=args.opset, full_graph=args.full_graph, overwrite=args.overwrite, name=args.name)
     try:
         result = export_checkpoint(args.checkpoint, args.outdir, options, progress=not args.quiet)
     except MatryoshkaError as exc:
@@ -86,8 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not args.quiet:
         print(summary(result))
+        modes = "".join(f", {p} {m}" for p, m in result.int8_modes.items())
         print(f"exported {args.checkpoint} -> {result.folder} (precisions {', '.join(options.precisions())}, "
-              f"default {result.manifest.default_precision})")
+              f"default {result.manifest.default_precision}{modes})")
     return 0
 
 

@@ -22,7 +22,7 @@ from matryoshka.export.reference import Batch, StageOutput, graph_inputs, make_b
 from matryoshka.export.spec import GraphSpec, full_graph_spec, stage_specs
 from matryoshka.export.torch_export import MIN_OPSET, export_graph, max_opset
 from matryoshka.export.validate import DEFAULT_CRITERIA, Criteria, FileReport, enforce, validate_precision
-from matryoshka.export.variants import convert_fp16, optimize, quantize_int8
+from matryoshka.export.variants import INT8_MODES, convert_fp16, optimize, quantize_int8
 from matryoshka.io import atomic_directory
 from matryoshka.layout import PairLayout
 from matryoshka.plugin.manifest import Manifest, load_manifest
@@ -42,6 +42,8 @@ class ExportOptions:
     overwrite: bool = False
     name: str | None = None  # model name in the manifest (default: the checkpoint folder's name)
     seed: int = 0
+    #: int8 weight scales: "per-channel", "per-tensor", or "auto" (validate both, keep the smaller score error)
+    int8_mode: str = "auto"
     #: per-precision pass criteria; precisions not listed use DEFAULT_CRITERIA
     criteria: dict[str, Criteria] = field(default_factory=lambda: dict(DEFAULT_CRITERIA))
 
@@ -58,11 +60,24 @@ class ExportOptions:
         return out
 
 
+    def modes(self, precision: str) -> list[str | None]:
+        """The int8 quantization modes tried for ``precision`` (``[None]`` for the other precisions)."""
+        if precision not in ("int8", "optimized-int8"):
+            return [None]
+        if self.int8_mode == "auto":
+            return list(INT8_MODES)
+        if self.int8_mode not in INT8_MODES:
+            raise ExportError(f"--int8-mode {self.int8_mode} is invalid: expected auto or one of "
+                              f"{', '.join(INT8_MODES)}")
+        return [self.int8_mode]
+
+
 @dataclass
 class ExportResult:
     folder: Path
     manifest: Manifest
     reports: list[FileReport]
+    int8_modes: dict[str, str] = field(default_factory=dict)  # precision -> quantization mode kept
 
 
 def passage_sizes(layout: PairLayout) -> list[int]:
@@ -109,6 +124,7 @@ def export_checkpoint(checkpoint: str | Path, outdir: str | Path, options: Expor
     """
     options = options or ExportOptions()
     checkpoint, outdir = Path(checkpoint), Path(outdir)
+    options.modes("int8")  # checks int8_mode
     if not MIN_OPSET <= options.opset <= max_opset():
         raise ExportError(f"--opset {options.opset} is invalid: expected >= {MIN_OPSET} and <= {max_opset()} (the "
                           f"highest opset torch {_torch_version()} exports without dynamo)")
@@ -116,8 +132,8 @@ def export_checkpoint(checkpoint: str | Path, outdir: str | Path, options: Expor
     raw_config = check_checkpoint(checkpoint)
     precisions = options.precisions()
     graphs_per_precision = len(raw_config.get("exits") or []) + int(options.full_graph)
-    bar = tqdm(total=2 + len(precisions) * (graphs_per_precision + 1), desc="export", unit="step",
-               disable=not progress)
+    steps = sum(len(options.modes(p)) * graphs_per_precision + 1 for p in precisions)
+    bar = tqdm(total=2 + steps, desc="export", unit="step", disable=not progress)
     step: Callable[[str], None] = lambda text: (bar.set_postfix_str(text), bar.update(1))  # noqa: E731
     try:
         model = load_for_export(checkpoint)
@@ -133,16 +149,25 @@ def export_checkpoint(checkpoint: str | Path, outdir: str | Path, options: Expor
             graphs = [*stages, *([full] if full is not None else [])]
             sample_feeds = graph_inputs(model, graphs, sample)
             reports: dict[str, list[FileReport]] = {}
+            modes: dict[str, str] = {}
             for precision in precisions:
-                _make_precision(precision, model, graphs, sample_feeds, tmp, options, step)
-                reports[precision] = _validate(precision, stages, full, tmp, reference, options.criteria)
+                candidates = []
+                for mode in options.modes(precision):
+                    target = tmp if mode is None else tmp / f".{precision}-{mode}"
+                    _make_precision(precision, model, graphs, sample_feeds, tmp, target, options, step, mode)
+                    candidates.append((mode, target, _validate(precision, stages, full, target, reference)))
+                mode, target, reports[precision] = min(candidates, key=lambda c: _relative_error(c[2]))
+                if mode is not None:
+                    modes[precision] = mode
+                    _keep(precision, mode, target, tmp, candidates)
+                enforce(reports[precision], options.criteria.get(precision, DEFAULT_CRITERIA[precision]))
                 step(f"{precision} validated")
             manifest = build_manifest(tmp, model, checkpoint, stages, full, reports, options.name)
             load_manifest(tmp, verify=True)
             _share(tmp)
             step("manifest written")
         all_reports = [r for precision in precisions for r in reports[precision]]
-        return ExportResult(outdir, manifest, all_reports)
+        return ExportResult(outdir, manifest, all_reports, modes)
     finally:
         bar.close()
 
@@ -165,9 +190,26 @@ def _compression(model: LayerwiseReranker) -> dict[str, int] | None:
     return None if comp is None else {"layer": int(comp.layer), "ratio": int(comp.ratio)}
 
 
+def _relative_error(reports: Sequence[FileReport]) -> float:
+    """The largest score error relative to the score spread, over the files of one precision."""
+    return max(r.score_atol / max(r.score_std, 1e-12) for r in reports)
+
+
+def _keep(precision: str, mode: str, chosen: Path, folder: Path,
+          candidates: Sequence[tuple[str | None, Path, list[FileReport]]]) -> None:
+    """Move the chosen int8 files into ``folder/precision`` and drop the other candidates."""
+    errors = ", ".join(f"{m}: {_relative_error(r):.3g}" for m, _, r in candidates)
+    logger.info("%s: kept %s quantization (max score error / score std: %s)", precision, mode, errors)
+    shutil.move(str(chosen / precision), str(folder / precision))
+    for _, scratch, _ in candidates:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _make_precision(precision: str, model: LayerwiseReranker, graphs: Sequence[GraphSpec], feeds: dict[str, Batch],
-                    folder: Path, options: ExportOptions, step: Callable[[str], None]) -> None:
-    """Write the files of ``precision`` for every graph (derived variants from the fp32 or optimized files)."""
+                    source: Path, folder: Path, options: ExportOptions, step: Callable[[str], None],
+                    mode: str | None = None) -> None:
+    """Write the files of ``precision`` for every graph into ``folder`` (variants derive from the fp32 or optimized
+    files in ``source``)."""
     config = model.config
     backbone = config.backbone_config
     for spec in graphs:
@@ -175,27 +217,25 @@ def _make_precision(precision: str, model: LayerwiseReranker, graphs: Sequence[G
         if precision == "fp32":
             export_graph(model, spec, feeds[spec.name], target, options.opset)
         elif precision == "optimized":
-            optimize(folder / spec.file("fp32"), target, spec, config.family, int(backbone["num_attention_heads"]),
+            optimize(source / spec.file("fp32"), target, spec, config.family, int(backbone["num_attention_heads"]),
                      int(config.hidden_size))
         elif precision == "int8":
-            quantize_int8(folder / spec.file("fp32"), target, spec)
+            quantize_int8(source / spec.file("fp32"), target, spec, mode=mode or INT8_MODES[0])
         elif precision == "optimized-int8":
-            quantize_int8(folder / spec.file("optimized"), target, spec, fused=True)
+            quantize_int8(source / spec.file("optimized"), target, spec, fused=True, mode=mode or INT8_MODES[0])
         elif precision == "fp16":
-            convert_fp16(folder / spec.file("fp32"), target, spec)
+            convert_fp16(source / spec.file("fp32"), target, spec)
         else:
             raise ExportError(f"precision {precision!r} is not produced by the export: expected one of "
                               "fp32, optimized, int8, optimized-int8, fp16")
-        step(f"{spec.file(precision)}")
+        step(spec.file(precision) + (f" ({mode})" if mode else ""))
 
 
 def _validate(precision: str, stages: Sequence[GraphSpec], full: GraphSpec | None, folder: Path,
-              reference: Sequence[tuple[Batch, list[StageOutput]]], criteria: dict[str, Criteria]
-              ) -> list[FileReport]:
+              reference: Sequence[tuple[Batch, list[StageOutput]]]) -> list[FileReport]:
     reports = validate_precision(precision, stages, [folder / s.file(precision) for s in stages], reference,
                                  full, folder / full.file(precision) if full is not None else None)
     for rep in reports:
         logger.info("%s/%s: score max|diff| %.3g (score std %.3g), hidden max|diff| %.3g, Spearman %.4f", precision,
                     rep.graph, rep.score_atol, rep.score_std, rep.hidden_atol, rep.spearman)
-    enforce(reports, criteria.get(precision, DEFAULT_CRITERIA[precision]))
     return reports

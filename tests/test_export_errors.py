@@ -144,6 +144,26 @@ def test_tampered_manifest_is_rejected(exported: Path, tmp_path: Path) -> None:
         load_manifest(copy, verify=False)
 
 
+def test_int8_mode_is_checked_and_auto_keeps_the_reported_mode(checkpoint: Path, tmp_path: Path) -> None:
+    from matryoshka.export.spec import stage_specs
+    from matryoshka.export.variants import INT8_MODES, quantize_int8
+    from matryoshka.plugin.manifest import sha256_file
+
+    with pytest.raises(MatryoshkaError, match="--int8-mode per-row is invalid: expected auto or one of"):
+        export_checkpoint(checkpoint, tmp_path / "bad", ExportOptions(int8=True, int8_mode="per-row"))
+    assert _leftovers(tmp_path) == []
+    result = export_checkpoint(checkpoint, tmp_path / "model", ExportOptions(int8=True, full_graph=False))
+    kept = result.int8_modes["int8"]
+    assert kept in INT8_MODES
+    assert sorted(p.name for p in result.folder.iterdir()) == ["fp32", "int8", "manifest.json", "tokenizer.json"]
+    manifest = load_manifest(result.folder)
+    for spec, stage in zip(stage_specs(manifest.exits), manifest.stages, strict=True):
+        for mode in INT8_MODES:
+            again = quantize_int8(result.folder / stage.files["fp32"].path, tmp_path / mode / f"{spec.name}.onnx",
+                                  spec, mode=mode)
+            assert (sha256_file(again) == stage.files["int8"].sha256) == (mode == kept)
+
+
 def test_round_up_and_spearman() -> None:
     assert round_up(3.812e-6) == pytest.approx(3.9e-6)
     assert round_up(0.2) == pytest.approx(0.2)
