@@ -104,6 +104,11 @@ def test_group_sampler_is_seeded_and_never_uses_positives_as_negatives(tmp_path:
             assert group.docids[0] in query.positives
             assert group.labels[0] == query.positives[group.docids[0]] and group.labels[1:] == (0, 0, 0)
             assert not set(group.docids[1:]) & set(query.positives)
+    capped = GroupSampler([ts, ts], group_size=4, seed=7, queries_per_epoch=[1, 0])
+    assert len(capped) == 3 and all(len(capped.epoch(e)) == 3 for e in range(4))
+    assert len({tuple(sorted(g.qid for g in capped.epoch(e))) for e in range(8)}) == 2   # the sample changes
+    with pytest.raises(TrainingDataError, match="queries_per_epoch"):
+        GroupSampler([ts], group_size=4, seed=7, queries_per_epoch=[1, 1])
     assert len(shard(first, rank=1, world_size=2, per_rank_batch=1)) == 1
     with pytest.raises(TrainingDataError, match="cannot fill one step"):
         shard(first, rank=0, world_size=2, per_rank_batch=2)

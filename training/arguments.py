@@ -74,6 +74,8 @@ class DataArguments:
         "help": "teacher TSVs, one per training set in the same order (optional)"})
     group_size: int = field(default=16, metadata={"help": "passages per query group: 1 positive + negatives"})
     negative_depth: int = field(default=0, metadata={"help": "draw negatives from the top-N candidates (0 = all)"})
+    queries_per_epoch: list[int] = field(default_factory=list, metadata={
+        "help": "per training set: a fresh seeded sample of this many queries each epoch (0 = all)"})
     residual_set: str | None = field(default=None, metadata={
         "help": "held-out training-set folder for the compensation residuals (default: training groups)"})
     residual_groups: int = field(default=64, metadata={"help": "groups used to measure the residuals"})
@@ -84,6 +86,9 @@ class DataArguments:
         if self.teacher_files and len(self.teacher_files) != len(self.train_sets):
             raise OptionError("teacher_files", self.teacher_files,
                               f"one teacher file per training set ({len(self.train_sets)}) or none")
+        if self.queries_per_epoch and len(self.queries_per_epoch) != len(self.train_sets):
+            raise OptionError("queries_per_epoch", self.queries_per_epoch,
+                              f"one count per training set ({len(self.train_sets)}; 0 = all) or none")
         if self.group_size < 2:
             raise OptionError("group_size", self.group_size, ">= 2 (one positive and at least one negative)")
 

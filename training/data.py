@@ -256,7 +256,8 @@ class GroupSampler:
     """
 
     def __init__(self, training_sets: Sequence[TrainingSet], group_size: int, seed: int,
-                 teachers: Sequence[TeacherScores | None] | None = None, negative_depth: int = 0) -> None:
+                 teachers: Sequence[TeacherScores | None] | None = None, negative_depth: int = 0,
+                 queries_per_epoch: Sequence[int] = ()) -> None:
         if group_size < 2:
             raise TrainingDataError(f"group_size={group_size} is invalid: expected >= 2 (one positive + negatives)")
         if not training_sets:
@@ -267,8 +268,13 @@ class GroupSampler:
                                     "expected one per training set (or none)")
         if any(t is None for t in teachers) and any(t is not None for t in teachers):
             raise TrainingDataError("teacher files given for some training sets only: expected all or none")
+        caps = list(queries_per_epoch) or [0] * len(training_sets)
+        if len(caps) != len(training_sets) or any(c < 0 for c in caps):
+            raise TrainingDataError(f"queries_per_epoch={list(queries_per_epoch)} is invalid: expected one count "
+                                    f">= 0 per training set ({len(training_sets)}; 0 = all queries)")
         self.training_sets, self.teachers = list(training_sets), teachers
         self.group_size, self.seed, self.negative_depth = group_size, seed, negative_depth
+        self.caps = [c if 0 < c < len(ts.queries) else 0 for c, ts in zip(caps, self.training_sets, strict=True)]
         self._items = [(s, q) for s, ts in enumerate(self.training_sets) for q in ts.queries]
         if not self._items:
             raise TrainingDataError("the training sets have no queries")
@@ -278,12 +284,20 @@ class GroupSampler:
         return self.teachers[0] is not None
 
     def __len__(self) -> int:
-        return len(self._items)
+        """Groups per epoch (a capped training set contributes its cap)."""
+        return sum(c or len(ts.queries) for c, ts in zip(self.caps, self.training_sets, strict=True))
 
     def epoch(self, epoch: int) -> list[Group]:
-        """The groups of ``epoch``, shuffled; the same for every call with the same seed and epoch."""
+        """The groups of ``epoch``, shuffled; the same for every call with the same seed and epoch. A capped
+        training set contributes a different seeded sample of its queries each epoch."""
         rng = random.Random(f"{self.seed}:{epoch}")
-        order = list(range(len(self._items)))
+        order = [i for i, (s, _q) in enumerate(self._items) if not self.caps[s]]
+        start = 0
+        for s, ts in enumerate(self.training_sets):
+            if self.caps[s]:
+                order += rng.sample(range(start, start + len(ts.queries)), self.caps[s])
+            start += len(ts.queries)
+        order.sort()
         rng.shuffle(order)
         return [self._group(self._items[i], rng) for i in order]
 

@@ -65,7 +65,7 @@ class BiEncoder:
             raise MissingInputError(path / "config.json", "bi-encoder model", "expected a local HF model folder")
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        self.model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).to(device).eval()
         self.max_length, self.batch_size, self.device = max_length, batch_size, device
         self.cache_dir = Path(cache_dir) if cache_dir else None
         weights = path / "model.safetensors"

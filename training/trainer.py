@@ -140,7 +140,7 @@ class Trainer:
                 scores = read_teacher_scores(path)
                 _check_teacher(training_set, scores, path)
                 teachers.append(scores)
-        return GroupSampler(sets, d.group_size, self.args.seed, teachers, d.negative_depth)
+        return GroupSampler(sets, d.group_size, self.args.seed, teachers, d.negative_depth, d.queries_per_epoch)
 
     def _optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         a = self.args
