@@ -26,7 +26,8 @@ def test_two_process_gloo_ddp_ends_with_identical_weights(tmp_path: Path) -> Non
     base = make_tiny_base(tmp_path / "base", "bert", num_layers=4, hidden=32, heads=4)
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    port = str(free_port())
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     proc = subprocess.run([*launcher, "-m", "matryoshka.training", "--base_model", str(base), "--exits", "2", "4",
                            "--max_length", "32", "--query_length", "8", "--train_sets", str(data), "--teacher_files",
                            str(teacher), "--group_size", "4", "--per_device_batch_size", "2", "--num_epochs", "2",
