@@ -49,7 +49,9 @@ class DenseTrainer(Trainer):
 
     def _load_model(self) -> nn.Module:
         m = self.model_args
-        return BiEncoder.build(m.base_model, pooling=m.pooling, normalize=m.normalize, query_prefix=m.query_prefix,
+        # normalize=None lets a saved dense model (as base_model) keep its own setting unless --normalize is given
+        return BiEncoder.build(m.base_model, pooling=m.pooling, normalize=True if m.normalize else None,
+                               query_prefix=m.query_prefix,
                                passage_prefix=m.passage_prefix, query_max_length=m.query_max_length,
                                passage_max_length=m.passage_max_length, temperature=m.similarity_temperature,
                                mode=m.mode, sub_batch_size=m.sub_batch_size)
