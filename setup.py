@@ -54,6 +54,7 @@ class EditableWheelWithPth(editable_wheel):
 
 setup(
     packages=_packages(),
-    package_data={"matryoshka": ["py.typed"]},
+    package_data={"matryoshka": ["py.typed"],
+                  "matryoshka.plugin": ["default_model/*.json", "default_model/*.md", "default_model/*/*.onnx"]},
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},
 )
