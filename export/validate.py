@@ -164,9 +164,11 @@ def enforce(reports: Sequence[FileReport], criteria: Criteria) -> None:
                                         f"{criteria.max_atol:g}", "the export is wrong for this model; report it "
                                         "with the checkpoint's matryoshka_config.json")
         if criteria.max_rel_std is not None and not rep.score_atol <= criteria.max_rel_std * rep.score_std:
-            raise ExportValidationError(where, f"score differs from PyTorch by {rep.score_atol:.3g} > allowed "
-                                        f"{criteria.max_rel_std:g} x score std {rep.score_std:.3g}",
-                                        f"skip the {rep.precision} variant for this model")
+            raise ExportValidationError(where, f"score differs from PyTorch by {rep.score_atol:.3g}, more than "
+                                        f"{criteria.max_rel_std:g} x the spread of the PyTorch scores (std "
+                                        f"{rep.score_std:.3g}) on the validation pairs", f"skip the {rep.precision} "
+                                        "variant for this model; a std near 0 means this exit scores every pair "
+                                        "alike (check the checkpoint)")
         if criteria.min_spearman is not None and rep.spearman < criteria.min_spearman:
             raise ExportValidationError(where, f"score Spearman correlation with PyTorch is {rep.spearman:.4f} < "
                                         f"required {criteria.min_spearman}", f"skip the {rep.precision} variant "
