@@ -46,7 +46,8 @@ dist.destroy_process_group()
 def torchrun(*args: object, cwd: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    *map(str, args)], check=True, cwd=cwd, env=env, capture_output=True, text=True)
+                    *map(str, args)], check=True, cwd=cwd, env=env, capture_output=True, text=True,
+                   timeout=900)  # a hung rendezvous must fail the test, not stall CI
 
 
 def test_gathered_loss_and_gradients_equal_the_concatenated_batch(tmp_path: Path) -> None:

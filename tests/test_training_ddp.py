@@ -32,7 +32,8 @@ def test_two_process_gloo_ddp_ends_with_identical_weights(tmp_path: Path) -> Non
                            "--max_length", "32", "--query_length", "8", "--train_sets", str(data), "--teacher_files",
                            str(teacher), "--group_size", "4", "--per_device_batch_size", "2", "--num_epochs", "2",
                            "--phase", "self_distill", "--learning_rate", "1e-3", "--device", "cpu", "--logging_steps",
-                           "1", "--output_dir", str(out)], capture_output=True, text=True, env=env, check=True)
+                           "1", "--output_dir", str(out)], capture_output=True, text=True, env=env, check=True,
+                          timeout=900)  # a hung rendezvous must fail the test, not stall CI
     assert "trained 4 steps" in proc.stdout                  # 8 groups per epoch / (2 ranks x 2 groups) x 2 epochs
     summary = json.loads((out / "summary.json").read_text())
     digests = summary["weight_digests"]
