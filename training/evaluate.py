@@ -205,7 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if rows:
-        title = f"{Path(args.data_dir).name} {args.split}: reranking BM25 top-{args.depth}"
+        source = f"runs in {args.runs_only_from}" if args.runs_only_from else f"reranking the top-{args.depth} of " \
+            f"{args.run or 'Pyserini BM25'}"
+        title = f"{args.name or Path(args.data_dir).name} {args.split}: {source}"
         print("\n" + format_table(title, rows))
     else:
         print(f"runs written to {args.output_dir}")
