@@ -23,6 +23,10 @@ ensure_venv() {
   if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     return 0
   fi
+  if [ -x "$venv/bin/python" ] && ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+    echo "note: $venv has no working pip (an interrupted install?); recreating it" >&2
+    rm -rf "$venv"
+  fi
   if [ ! -x "$venv/bin/python" ]; then
     "$(pick_python)" -m venv "$venv"
   fi
