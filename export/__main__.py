@@ -1,4 +1,4 @@
-"""``python -m matryoshka.export CHECKPOINT OUTDIR [--int8] [--fp16] [--optimize] [--opset 17] [--no-full-graph]``
+"""``python -m matryoshka.export CHECKPOINT OUTDIR [--int8] [--fp16] [--optimize] [--exits L ...] [--only P ...]``
 
 Exports a checkpoint written by ``LayerwiseReranker.save`` to a model folder the plugin runs: one ONNX graph per
 stage (and the full-depth graph) per precision, each validated against PyTorch, plus ``manifest.json`` and
@@ -38,6 +38,8 @@ class ExportArgs:
     opset: int = 17
     full_graph: bool = True
     overwrite: bool = False
+    exits: list[int] | None = None
+    only: list[str] | None = None
     name: str | None = None
     quiet: bool = False
     verbose: bool = False
@@ -59,6 +61,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ExportArgs:
     parser.add_argument("--no-full-graph", dest="full_graph", action="store_false",
                         help="skip the single full-depth graph (the baseline the cascade is compared with)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists")
+    parser.add_argument("--exits", type=int, nargs="+", default=None, metavar="LAYER",
+                        help="export only these exits of the checkpoint (ascending, ending with the last layer), "
+                        "e.g. to leave out an exit that did not learn (default: all)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PRECISION",
+                        help="precisions the folder keeps (default: all produced), e.g. '--int8 --only int8' for a "
+                        "small CPU model; fp32 is still exported and validated first")
     parser.add_argument("--name", default=None, help="model name in the manifest (default: the checkpoint's name)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     parser.add_argument("--verbose", action="store_true", help="log every step")
@@ -81,7 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from matryoshka.export.pipeline import ExportOptions, export_checkpoint
 
     options = ExportOptions(int8=args.int8, int8_mode=args.int8_mode, fp16=args.fp16, optimize=args.optimize,
-                            opset=args.opset, full_graph=args.full_graph, overwrite=args.overwrite, name=args.name)
+                            opset=args.opset, full_graph=args.full_graph, overwrite=args.overwrite, name=args.name,
+                            exits=tuple(args.exits) if args.exits else None,
+                            only=tuple(args.only) if args.only else None)
     try:
         result = export_checkpoint(args.checkpoint, args.outdir, options, progress=not args.quiet)
     except MatryoshkaError as exc:
@@ -90,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.quiet:
         print(summary(result))
         modes = "".join(f", {p} {m}" for p, m in result.int8_modes.items())
-        print(f"exported {args.checkpoint} -> {result.folder} (precisions {', '.join(options.precisions())}, "
+        print(f"exported {args.checkpoint} -> {result.folder} (precisions {', '.join(options.shipped())}, "
               f"default {result.manifest.default_precision}{modes})")
     return 0
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from matryoshka.errors import MatryoshkaError
 from matryoshka.export.checkpoint import check_checkpoint, check_output, load_for_export
 from matryoshka.export.errors import ExportError
 from matryoshka.export.manifest_builder import build_manifest
@@ -44,6 +45,11 @@ class ExportOptions:
     seed: int = 0
     #: int8 weight scales: "per-channel", "per-tensor", or "auto" (validate both, keep the smaller score error)
     int8_mode: str = "auto"
+    #: keep only these exits of the checkpoint (None: all); see LayerwiseReranker.select_exits
+    exits: tuple[int, ...] | None = None
+    #: precisions written to the folder (None: all produced); fp32 is always produced and validated, since every
+    #: variant derives from it, but can be left out of a shipped folder (``--only int8``)
+    only: tuple[str, ...] | None = None
     #: per-precision pass criteria; precisions not listed use DEFAULT_CRITERIA
     criteria: dict[str, Criteria] = field(default_factory=lambda: dict(DEFAULT_CRITERIA))
 
@@ -59,6 +65,17 @@ class ExportOptions:
             out.append("fp16")
         return out
 
+
+    def shipped(self) -> list[str]:
+        """The precisions the output folder keeps."""
+        produced = self.precisions()
+        if self.only is None:
+            return produced
+        unknown = [p for p in self.only if p not in produced]
+        if not self.only or unknown:
+            raise ExportError(f"--only {' '.join(self.only)} is invalid: expected some of the precisions this export "
+                              f"produces ({', '.join(produced)}); add --int8/--fp16/--optimize to produce them")
+        return [p for p in produced if p in self.only]
 
     def modes(self, precision: str) -> list[str | None]:
         """The int8 quantization modes tried for ``precision`` (``[None]`` for the other precisions)."""
@@ -125,18 +142,24 @@ def export_checkpoint(checkpoint: str | Path, outdir: str | Path, options: Expor
     options = options or ExportOptions()
     checkpoint, outdir = Path(checkpoint), Path(outdir)
     options.modes("int8")  # checks int8_mode
+    shipped = options.shipped()  # checks --only
     if not MIN_OPSET <= options.opset <= max_opset():
         raise ExportError(f"--opset {options.opset} is invalid: expected >= {MIN_OPSET} and <= {max_opset()} (the "
                           f"highest opset torch {_torch_version()} exports without dynamo)")
     check_output(outdir, options.overwrite)
     raw_config = check_checkpoint(checkpoint)
     precisions = options.precisions()
-    graphs_per_precision = len(raw_config.get("exits") or []) + int(options.full_graph)
+    graphs_per_precision = len(options.exits or raw_config.get("exits") or []) + int(options.full_graph)
     steps = sum(len(options.modes(p)) * graphs_per_precision + 1 for p in precisions)
     bar = tqdm(total=2 + steps, desc="export", unit="step", disable=not progress)
     step: Callable[[str], None] = lambda text: (bar.set_postfix_str(text), bar.update(1))  # noqa: E731
     try:
         model = load_for_export(checkpoint)
+        if options.exits is not None:
+            try:
+                model.select_exits(options.exits)
+            except MatryoshkaError as exc:
+                raise ExportError(f"--exits: {exc}") from None
         step("model loaded")
         config = model.config
         stages = stage_specs(config.exits, _compression(model))
@@ -162,11 +185,14 @@ def export_checkpoint(checkpoint: str | Path, outdir: str | Path, options: Expor
                     _keep(precision, mode, target, tmp, candidates)
                 enforce(reports[precision], options.criteria.get(precision, DEFAULT_CRITERIA[precision]))
                 step(f"{precision} validated")
+            for precision in [p for p in precisions if p not in shipped]:
+                _drop(precision, stages, full, tmp)
+                del reports[precision]
             manifest = build_manifest(tmp, model, checkpoint, stages, full, reports, options.name)
             load_manifest(tmp, verify=True)
             _share(tmp)
             step("manifest written")
-        all_reports = [r for precision in precisions for r in reports[precision]]
+        all_reports = [r for precision in shipped for r in reports[precision]]
         return ExportResult(outdir, manifest, all_reports, modes)
     finally:
         bar.close()
@@ -188,6 +214,15 @@ def _share(folder: Path) -> None:
 def _compression(model: LayerwiseReranker) -> dict[str, int] | None:
     comp = model.config.inference_compression
     return None if comp is None else {"layer": int(comp.layer), "ratio": int(comp.ratio)}
+
+
+def _drop(precision: str, stages: Sequence[GraphSpec], full: GraphSpec | None, folder: Path) -> None:
+    """Remove the (validated) files of a precision the folder does not ship."""
+    for spec in [*stages, *([full] if full is not None else [])]:
+        (folder / spec.file(precision)).unlink()
+    directory = folder / precision
+    if directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()
 
 
 def _relative_error(reports: Sequence[FileReport]) -> float:

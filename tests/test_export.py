@@ -195,3 +195,45 @@ def test_sample_batches_differ_from_the_export_sample_in_batch_and_sequence() ->
     assert sample["input_ids"].shape not in shapes
     assert {s[0] for s in shapes} - {sample["input_ids"].shape[0]} == {s[0] for s in shapes}
     assert {s[1] for s in shapes} - {sample["input_ids"].shape[1]}
+
+
+def test_exits_subset_and_only_int8_ship_a_small_folder_with_unchanged_scores(tmp_path: Path) -> None:
+    """``--exits`` leaves an exit out (the kept exits' scores are those of the full checkpoint) and ``--only int8``
+    ships int8 files only, described by the manifest, after fp32 was validated."""
+    checkpoint = tiny_checkpoint(tmp_path, "encoder", None, exits=(1, 2, 4))
+    out = tmp_path / "model"
+    argv = [str(checkpoint), str(out), "--quiet", "--int8", "--only", "int8", "--exits", "2", "4", "--no-full-graph"]
+    assert export_main(argv) == 0
+    manifest = load_manifest(out, verify=True)
+    assert manifest.exits == (2, 4)
+    assert manifest.precisions == ("int8",) and manifest.default_precision == "int8"
+    assert [s.layers for s in manifest.stages] == [(0, 2), (2, 4)]
+    assert not (out / "fp32").exists() and sorted(p.name for p in (out / "int8").iterdir()) == [
+        "stage_1.onnx", "stage_2.onnx"]
+    assert set(manifest.calibration.per_exit) == {2, 4}
+    batch = _new_batch(out, seed=7, lengths=[3, 17, 9])
+    want = _torch_scores(checkpoint, batch)  # exits 1, 2, 4 of the whole checkpoint
+    chain = _run_chain(out, "int8", batch)
+    for k, row in ((0, 1), (1, 2)):
+        got = chain[k]["score"]
+        assert spearman_like(got, want[row]) > 0.9
+        assert np.max(np.abs(got - want[row])) < 0.5 * np.std(want[row]) + 1e-3
+
+
+def spearman_like(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+@pytest.mark.parametrize("argv_extra, message", [
+    (["--exits", "1", "2"], "ending with"),
+    (["--exits", "3", "4"], "not exits"),
+    (["--only", "fp16"], "--only fp16 is invalid"),
+])
+def test_bad_exits_or_only_fail_before_any_output(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  argv_extra: list[str], message: str) -> None:
+    checkpoint = tiny_checkpoint(tmp_path, "encoder", None, exits=(1, 2, 4))
+    out = tmp_path / "model"
+    assert export_main([str(checkpoint), str(out), "--quiet", "--no-full-graph", *argv_extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".model*"))

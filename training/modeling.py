@@ -19,8 +19,10 @@ Design (contracts in ARCHITECTURE.md):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -192,6 +194,30 @@ class LayerwiseReranker(nn.Module):
             self.config.save(tmp)
         logger.info("saved reranker to %s", folder)
         return Path(folder)
+
+    def select_exits(self, exits: Sequence[int]) -> LayerwiseReranker:
+        """Keep only the exits ``exits`` (a subset of this model's, ending with the final layer); the heads and
+        compensation of the others are dropped. Scores of the kept exits do not change (each exit's head and
+        compensation read only its own layer). Used to leave out an exit that did not learn. Returns ``self``."""
+        wanted = tuple(int(e) for e in exits)
+        current = tuple(self.config.exits)
+        unknown = [e for e in wanted if e not in current]
+        if not wanted or unknown:
+            raise ModelConfigError(f"exits={list(wanted)} is invalid: expected a subset of this model's exits "
+                                   f"{list(current)}" + (f" ({unknown} are not exits)" if unknown else ""))
+        if wanted[-1] != current[-1] or list(wanted) != sorted(set(wanted)):
+            raise ModelConfigError(f"exits={list(wanted)} is invalid: expected strictly ascending exits ending with "
+                                   f"the final layer {current[-1]}")
+        for dropped in (e for e in current if e not in wanted):
+            del self.heads[str(dropped)]
+            del self.compensation[str(dropped)]
+        self.config = dataclasses.replace(self.config, exits=wanted)
+        if self.config.compensation.get("per_exit"):
+            info = dict(self.config.compensation)
+            info["per_exit"] = {k: v for k, v in info["per_exit"].items() if int(k) in wanted}
+            self.config.compensation = info
+        logger.info("kept exits %s of %s", list(wanted), list(current))
+        return self
 
     # ------------------------------------------------------------------------------------------------ training aids
     def gradient_checkpointing_enable(self) -> None:
