@@ -162,12 +162,17 @@ def manifest_from_dict(data: Any, source: PathLike = MANIFEST_NAME) -> Manifest:
             raise r.fail("full_graph.outputs", f"expected an output 'score', got {list(full_graph.outputs)}")
     calibration = _calibration(r, r.obj(r.get(data, "calibration", "", dict), "calibration"), exits)
     p = r.obj(r.get(data, "policy", "", dict), "policy")
+    # first_stage_weight is optional (absent or null = 0.0, no fusion): manifests written before it stay valid
     policy = PolicySpec(r.get(p, "name", "policy", str), float(r.get(p, "threshold", "policy", (int, float))),
-                        p.get("tuned_on"))
+                        p.get("tuned_on"),
+                        float(r.get(p, "first_stage_weight", "policy", (int, float), optional=True, default=0.0)))
     if policy.name not in POLICY_NAMES:
         raise r.fail("policy.name", f"expected one of {', '.join(POLICY_NAMES)}, got {policy.name!r}")
     if not 0.0 <= policy.threshold <= 1.0:
         raise r.fail("policy.threshold", f"expected a number in [0, 1], got {policy.threshold!r}")
+    if not 0.0 <= policy.first_stage_weight <= 1.0:
+        raise r.fail("policy.first_stage_weight", f"expected a number in [0, 1] (the weight of the first-stage "
+                     f"score; 0 = no fusion), got {policy.first_stage_weight!r}")
     return Manifest(producer, model, tokenizer, layout, exits, default_precision, stages, calibration, policy,
                     full_graph, version)
 

@@ -121,9 +121,21 @@ class Calibration:
 
 @dataclass(frozen=True)
 class PolicySpec:
+    """The runtime defaults: exit policy and threshold, and the weight of the first-stage score in the final score
+    (``first_stage_weight``, optional in the JSON: absent = 0.0 = no fusion; see :mod:`matryoshka.plugin.fusion`)."""
+
     name: str = "candidate"
     threshold: float = 0.95
     tuned_on: Any = None
+    first_stage_weight: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object; ``first_stage_weight`` only when it is not 0, so manifests without fusion are written
+        exactly as before the field existed (and stay readable by older plugins, which ignore it otherwise)."""
+        data: dict[str, Any] = {"name": self.name, "threshold": self.threshold, "tuned_on": self.tuned_on}
+        if self.first_stage_weight != 0.0:
+            data["first_stage_weight"] = self.first_stage_weight
+        return data
 
 
 @dataclass(frozen=True)
@@ -180,7 +192,7 @@ class Manifest:
                 "outputs": list(self.full_graph.outputs), "files": files(self.full_graph.files)},
             "calibration": {"kind": self.calibration.kind, "in_graph": self.calibration.in_graph,
                             "per_exit": {str(k): vars(v).copy() for k, v in self.calibration.per_exit.items()}},
-            "policy": vars(self.policy).copy(),
+            "policy": self.policy.to_dict(),
         }
         return data
 
