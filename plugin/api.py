@@ -9,6 +9,14 @@
 
 Scores of candidates that exit early are compensated onto the final exit's scale, so one query's scores are
 comparable whatever exit each candidate took.
+
+Interpolation with the first stage (``first_stage_weight`` w, default: the manifest's ``policy.first_stage_weight``,
+0 when absent): :meth:`MatryoshkaReranker.rerank_run` and :meth:`~MatryoshkaReranker.rerank_query` replace each
+query's reranked scores by ``(1 - w) * z(model) + w * z(first stage)`` (z-normalised per query, see
+:mod:`matryoshka.plugin.fusion`), the first-stage scores being the run's scores. :meth:`~MatryoshkaReranker.rank`
+fuses only when it is given ``first_stage_scores``; :meth:`~MatryoshkaReranker.predict` never fuses (it has no
+first-stage scores and returns the model's scores). w = 0 gives exactly the model's scores. The cascade's exit
+decisions never depend on w.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from tqdm import tqdm
 from matryoshka.errors import MatryoshkaError, MissingInputError, OptionError
 from matryoshka.io.trec import Run, RunEntry, sort_hits
 from matryoshka.plugin.cascade import Cascade, CascadeResult
+from matryoshka.plugin.fusion import FirstStageScoreError, check_first_stage_weight, fuse
 from matryoshka.plugin.manifest import MANIFEST_NAME
 from matryoshka.plugin.policies import DEFAULT_TOP_K, make_policy
 from matryoshka.plugin.stats import RunStats
@@ -95,37 +104,60 @@ def lookup_function(lookup: Lookup) -> tuple[Callable[[str], str | None], str]:
     raise TypeError(f"doc_text_lookup must be a mapping, a callable or a DocumentSource, got {type(lookup).__name__}")
 
 
+def ranked_hits(hits: Mapping[str, float] | Sequence[Any]) -> tuple[list[str], list[float] | None]:
+    """The candidates of one query in ranked order, with their first-stage scores: (-score, docid) for scored hits
+    (``{docid: score}``, :class:`RunEntry` items, ``(docid, score)`` pairs), given order and None for bare ids."""
+    if isinstance(hits, Mapping):
+        ranked = sort_hits(hits)
+    else:
+        items = list(hits)
+        if items and isinstance(items[0], RunEntry):
+            ranked = sort_hits((e.docid, e.score) for e in items)
+        elif items and isinstance(items[0], tuple | list):
+            ranked = sort_hits((str(d), float(s)) for d, s in items)
+        else:
+            return [str(d) for d in items], None
+    return [d for d, _ in ranked], [s for _, s in ranked]
+
+
 def ranked_docids(hits: Mapping[str, float] | Sequence[Any]) -> list[str]:
     """The candidates of one query in ranked order: (-score, docid) for scored hits, given order for bare ids."""
-    if isinstance(hits, Mapping):
-        return [d for d, _ in sort_hits(hits)]
-    items = list(hits)
-    if items and isinstance(items[0], RunEntry):
-        return [d for d, _ in sort_hits((e.docid, e.score) for e in items)]
-    if items and isinstance(items[0], tuple | list):
-        return [d for d, _ in sort_hits((str(d), float(s)) for d, s in items)]
-    return [str(d) for d in items]
+    return ranked_hits(hits)[0]
 
 
 class MatryoshkaReranker:
     def __init__(self, model_dir: str | os.PathLike[str] | None = None, policy: str = "candidate",
                  threshold: float | None = None, providers: str | Sequence[str] | None = None,
                  threads: int | None = None, batch_size: int = 32, precision: str | None = None,
-                 top_k: int = DEFAULT_TOP_K, exit_layer: int | None = None, verify: bool = True) -> None:
+                 top_k: int = DEFAULT_TOP_K, exit_layer: int | None = None, verify: bool = True,
+                 first_stage_weight: float | None = None) -> None:
+        """``first_stage_weight``: weight in [0, 1] of the z-normalised first-stage score in the final scores of
+        :meth:`rerank_run` / :meth:`rerank_query` (and :meth:`rank` with ``first_stage_scores``); None = the
+        manifest's ``policy.first_stage_weight`` (0 = no fusion when the manifest has none)."""
+        if first_stage_weight is not None:
+            check_first_stage_weight(first_stage_weight)
         self.model_dir = resolve_model_dir(model_dir)
         self.cascade = Cascade(self.model_dir, precision=precision, providers=providers, threads=threads,
                                batch_size=batch_size, verify=verify)
         manifest = self.cascade.manifest
         self.policy = make_policy(policy, threshold, manifest.exits, manifest.policy.threshold, top_k, exit_layer)
-        self.stats = RunStats(manifest.exits, self.cascade.cumulative_cost, self.policy.describe())
+        self.first_stage_weight = (manifest.policy.first_stage_weight if first_stage_weight is None
+                                   else check_first_stage_weight(first_stage_weight))
+        self.stats = self._new_stats()
         self.last_result: CascadeResult | None = None
+        logger.info("policy %s, first-stage weight %g%s", self.policy.describe(), self.first_stage_weight,
+                    " (from the manifest)" if first_stage_weight is None else "")
 
     @property
     def exits(self) -> tuple[int, ...]:
         return self.cascade.exits
 
+    def _new_stats(self) -> RunStats:
+        return RunStats(self.exits, self.cascade.cumulative_cost, self.policy.describe(),
+                        first_stage_weight=self.first_stage_weight)
+
     def reset_stats(self) -> None:
-        self.stats = RunStats(self.exits, self.cascade.cumulative_cost, self.policy.describe())
+        self.stats = self._new_stats()
 
     def _score(self, queries: list[str], passages: list[str], groups: np.ndarray, n_queries: int) -> CascadeResult:
         start = time.perf_counter()
@@ -136,7 +168,9 @@ class MatryoshkaReranker:
 
     def predict(self, pairs: Iterable[Sequence[str]]) -> np.ndarray:
         """Scores (float64) of ``(query, passage)`` pairs, in order. Pairs with the same query text form one group
-        for the ``query`` and ``topk`` policies."""
+        for the ``query`` and ``topk`` policies. These are the model's own scores: there are no first-stage scores
+        here, so ``first_stage_weight`` is not applied (use :meth:`rank` with ``first_stage_scores``, or
+        :func:`matryoshka.plugin.fusion.fuse`)."""
         queries, passages = [], []
         for i, pair in enumerate(pairs):
             if not isinstance(pair, Sequence) or isinstance(pair, str) or len(pair) != 2:
@@ -164,28 +198,57 @@ class MatryoshkaReranker:
         return scores
 
     def rank(self, query: str, documents: Sequence[str], top_k: int | None = None,
-             return_documents: bool = False) -> list[dict[str, Any]]:
-        """Documents sorted by descending score (ties: lower index first): ``[{"corpus_id", "score"[, "text"]}]``."""
+             return_documents: bool = False, first_stage_scores: Sequence[float] | None = None
+             ) -> list[dict[str, Any]]:
+        """Documents sorted by descending score (ties: lower index first): ``[{"corpus_id", "score"[, "text"]}]``.
+
+        With ``first_stage_scores`` (one per document) the scores are fused with them by ``first_stage_weight``;
+        without, they are the model's scores."""
         check_text(query, "query", allow_empty=False)
         docs = [check_text(d, f"document {i}", allow_empty=True) for i, d in enumerate(documents)]
+        if first_stage_scores is not None and len(first_stage_scores) != len(docs):
+            raise InputTextError(f"got {len(first_stage_scores)} first_stage_scores for {len(docs)} documents "
+                                 "(expected one per document)")
         if not docs:
             return []
         result = self._score([query] * len(docs), docs, np.zeros(len(docs), dtype=np.int64), 1)
-        order = sorted(range(len(docs)), key=lambda i: (-result.scores[i], i))
-        ranked = [{"corpus_id": i, "score": float(result.scores[i]), **({"text": docs[i]} if return_documents else {})}
+        scores = result.scores
+        if first_stage_scores is not None:
+            scores = fuse(scores, first_stage_scores, self.first_stage_weight,
+                          docids=[str(i) for i in range(len(docs))])
+        order = sorted(range(len(docs)), key=lambda i: (-scores[i], i))
+        ranked = [{"corpus_id": i, "score": float(scores[i]), **({"text": docs[i]} if return_documents else {})}
                   for i in order]
         return ranked[:top_k] if top_k is not None else ranked
 
-    def rerank_query(self, query: str, docids: Sequence[str], texts: Sequence[str], depth: int | None = None
-                     ) -> dict[str, float]:
+    def rerank_query(self, query: str, docids: Sequence[str], texts: Sequence[str], depth: int | None = None,
+                     first_stage_scores: Sequence[float] | None = None) -> dict[str, float]:
         """Rerank one query's ranked candidates; those below ``depth`` keep their order under the reranked ones
-        (their scores become ``min(reranked) - 1 - i``)."""
+        (their scores become ``min(reranked) - 1 - i``). ``first_stage_scores`` (parallel to ``docids``) are
+        fused into the reranked candidates' scores by ``first_stage_weight``; they are required when it is > 0."""
+        return self._rerank_query(query, docids, texts, depth, first_stage_scores, None)
+
+    def _rerank_query(self, query: str, docids: Sequence[str], texts: Sequence[str], depth: int | None,
+                      first_stage_scores: Sequence[float] | None, qid: str | None) -> dict[str, float]:
         head = list(docids if depth is None else docids[:depth])
         tail = [] if depth is None else list(docids[depth:])
+        w = self.first_stage_weight
+        if w > 0 and first_stage_scores is None:
+            where = f" of query {qid!r}" if qid is not None else ""
+            raise FirstStageScoreError(f"first_stage_weight={w:g} needs the first-stage scores, but the candidates"
+                                       f"{where} are bare document ids (pass {{docid: score}}, (docid, score) pairs "
+                                       "or a Run, or first_stage_weight=0)")
+        if first_stage_scores is not None and len(first_stage_scores) != len(docids):
+            raise FirstStageScoreError(f"got {len(first_stage_scores)} first-stage scores for {len(docids)} "
+                                       "candidates (expected one per candidate)")
         out: dict[str, float] = {}
         if head:
             result = self._score([query] * len(head), list(texts[: len(head)]), np.zeros(len(head), np.int64), 1)
-            out = {d: float(s) for d, s in zip(head, result.scores, strict=True)}
+            scores = result.scores
+            if w > 0:
+                scores = fuse(scores, list(first_stage_scores[: len(head)]), w, docids=head,
+                              qids=None if qid is None else [qid] * len(head))
+            out = {d: float(s) for d, s in zip(head, scores, strict=True)}
         floor = min(out.values()) if out else 0.0
         for i, docid in enumerate(tail):
             out[docid] = floor - 1.0 - i
@@ -195,7 +258,9 @@ class MatryoshkaReranker:
                    depth: int | None = None, progress: bool = False) -> dict[str, dict[str, float]]:
         """Rerank every query of a run (``Run``, ``{qid: {docid: score}}`` or ``{qid: [docid, ...]}`` in ranked
         order) and return ``{qid: {docid: score}}`` in the run's query order. Only the top ``depth`` candidates of
-        each query are scored (all when None); the text of those is fetched with ``doc_text_lookup``."""
+        each query are scored (all when None); the text of those is fetched with ``doc_text_lookup``. The run's
+        scores are the first-stage scores fused by ``first_stage_weight`` (bare docid lists have none: they need
+        ``first_stage_weight=0``)."""
         if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
             raise OptionError("depth", depth, "an integer >= 1")
         queries = run.queries if isinstance(run, Run) else run
@@ -206,12 +271,12 @@ class MatryoshkaReranker:
         reranked: dict[str, dict[str, float]] = {}
         for qid in tqdm(list(queries), desc="matryoshka rerank", unit="query", disable=not progress):
             query = check_text(topics[qid], f"query {qid!r}", allow_empty=False)
-            docids = ranked_docids(queries[qid])
+            docids, first_stage = ranked_hits(queries[qid])
             texts = []
             for docid in docids[:depth] if depth is not None else docids:
                 text = lookup(docid)
                 if text is None:
                     raise MissingDocumentError(qid, docid, source)
                 texts.append(check_text(text, f"document {docid!r}", allow_empty=True))
-            reranked[qid] = self.rerank_query(query, docids, texts, depth)
+            reranked[qid] = self._rerank_query(query, docids, texts, depth, first_stage, qid)
         return reranked

@@ -13,6 +13,7 @@ from matryoshka.errors import DataFormatError, MissingInputError, OptionError
 from matryoshka.io.trec import read_run, read_topics, write_run
 from matryoshka.plugin.api import MatryoshkaReranker, MissingDocumentError
 from matryoshka.plugin.docs import CorpusDocs, DocumentSource, LuceneIndexDocs
+from matryoshka.plugin.fusion import check_first_stage_weight
 from matryoshka.plugin.manifest import POLICY_NAMES
 from matryoshka.plugin.policies import DEFAULT_TOP_K, check_threshold
 
@@ -32,6 +33,10 @@ def add_model_options(group: argparse._ActionGroup | argparse.ArgumentParser, pr
              f"fixed (every candidate exits at --{prefix}exit-layer); default: candidate")
     opt("threshold", type=float, metavar="T", default=None,
         help="exit threshold in [0, 1]; 1.0 never exits early (= full depth); default: the model's tuned value")
+    opt("first-stage-weight", type=float, metavar="W", default=None,
+        help="interpolate with the first stage: final = (1-W) * z(reranker) + W * z(first-stage score), "
+             "z-normalised per query; W in [0, 1], 0 = reranker scores only; default: the model's tuned value "
+             "(manifest policy.first_stage_weight, 0 if absent)")
     opt("depth", type=int, metavar="N", default=None,
         help="rerank only the top N candidates of each query; the rest keep their order below (default: all)")
     opt("top-k", type=int, metavar="K", default=DEFAULT_TOP_K, help="K of the topk policy (default: %(default)s)")
@@ -52,6 +57,8 @@ def build_reranker(ns: argparse.Namespace, prefix: str = "") -> MatryoshkaRerank
     """A reranker from parsed options; option errors name the command-line flag."""
     if ns.threshold is not None:
         check_threshold(ns.threshold, option=f"--{prefix}threshold")
+    if ns.first_stage_weight is not None:
+        check_first_stage_weight(ns.first_stage_weight, option=f"--{prefix}first-stage-weight")
     for name, minimum in (("depth", 1), ("batch_size", 1), ("threads", 0), ("top_k", 1)):
         value = getattr(ns, name)
         if value is not None and value < minimum:
@@ -62,7 +69,8 @@ def build_reranker(ns: argparse.Namespace, prefix: str = "") -> MatryoshkaRerank
     try:
         return MatryoshkaReranker(ns.model, policy=ns.policy, threshold=ns.threshold, providers=ns.providers,
                                   threads=ns.threads, batch_size=ns.batch_size, precision=ns.precision,
-                                  top_k=ns.top_k, exit_layer=ns.exit_layer)
+                                  top_k=ns.top_k, exit_layer=ns.exit_layer,
+                                  first_stage_weight=ns.first_stage_weight)
     except OptionError as err:
         if err.option in ("exit_layer", "precision", "providers"):
             raise OptionError(f"--{prefix}{err.option.replace('_', '-')}", err.value,

@@ -9,7 +9,9 @@ The start-up hook (:mod:`matryoshka._bootstrap`) calls :func:`run` instead of Py
   file next to the real output, runs Pyserini's unchanged code on the remaining arguments, reranks that run (topics
   from Pyserini's ``--topics`` file; passage text from ``--index`` for lucene, ``--matryoshka.index`` or
   ``--matryoshka.corpus`` for faiss and hybrid, where hybrid falls back to its ``sparse --index``), writes the final
-  run atomically to the real ``--output`` and deletes the temporary file in every case.
+  run atomically to the real ``--output`` and deletes the temporary file in every case. With
+  ``--matryoshka.first-stage-weight W`` (or a tuned weight in the manifest) Pyserini's own hit scores are the
+  first-stage scores interpolated into the final scores (:mod:`matryoshka.plugin.fusion`).
 """
 
 from __future__ import annotations

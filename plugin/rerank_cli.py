@@ -3,6 +3,9 @@
     python -m matryoshka rerank --run bm25.txt --topics topics.tsv --index lucene-index --output reranked.txt \\
         --model model/ --policy candidate --threshold 0.95 --depth 100 --stats stats.json
 
+``--first-stage-weight W`` interpolates with the run's own scores: per query, ``(1-W) * z(reranker) + W *
+z(run score)`` (z-normalised over the query's reranked candidates; default: the model's tuned
+``policy.first_stage_weight``, 0 when the manifest has none = the reranker's scores alone).
 Passage texts come from a Lucene index that stores raw documents (``--index``) or a corpus file (``--corpus``: BEIR
 ``corpus.jsonl`` or Pyserini JsonCollection ``.jsonl``). Passages longer than the model's ``max_length`` are
 truncated to the layout's passage budget. The output is written atomically, sorted by (-score, docid); bad input

@@ -32,6 +32,8 @@ class RunStats:
     query_seconds: list[float] = field(default_factory=list)
     candidates: int = 0
     truncated: int = 0
+    #: weight of the z-normalised first-stage score in the final scores (0 = no fusion)
+    first_stage_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.exit_counts = np.zeros(len(self.exits), dtype=np.int64)
@@ -58,6 +60,7 @@ class RunStats:
         layers = np.asarray(self.exits, dtype=np.float64)
         return {
             "policy": self.policy,
+            "first_stage_weight": self.first_stage_weight,
             "queries": self.queries,
             "candidates": n,
             "exits": list(self.exits),
@@ -74,11 +77,11 @@ class RunStats:
     def summary(self) -> str:
         d = self.to_dict()
         hist = ", ".join(f"L{e}: {c}" for e, c in d["exit_histogram"].items())
-        return (f"matryoshka [{d['policy']}]: {d['queries']} queries, {d['candidates']} candidates; mean layers/"
-                f"candidate {d['mean_layers_per_candidate']:.2f} of {self.exits[-1]}; relative layer cost "
-                f"{d['relative_layer_cost']:.3f}; exits {{{hist}}}; {d['candidates_per_second']:.1f} candidates/s; "
-                f"ms/query p50 {d['ms_per_query_p50']:.1f} p95 {d['ms_per_query_p95']:.1f}; "
-                f"{d['passages_truncated']} passages truncated")
+        return (f"matryoshka [{d['policy']}, first-stage weight {d['first_stage_weight']:g}]: {d['queries']} "
+                f"queries, {d['candidates']} candidates; mean layers/candidate {d['mean_layers_per_candidate']:.2f} "
+                f"of {self.exits[-1]}; relative layer cost {d['relative_layer_cost']:.3f}; exits {{{hist}}}; "
+                f"{d['candidates_per_second']:.1f} candidates/s; ms/query p50 {d['ms_per_query_p50']:.1f} p95 "
+                f"{d['ms_per_query_p95']:.1f}; {d['passages_truncated']} passages truncated")
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
         with atomic_write(path) as handle:

@@ -20,6 +20,19 @@ def test_split_argv_takes_only_our_flags() -> None:
     assert theirs == ["--index", "idx", "--topics", "t.tsv", "--bm25", "--output", "run.txt"]
     ns = _parser().parse_args(ours)
     assert (ns.reranker, ns.threshold, ns.model, ns.batch_size, ns.policy) == ("matryoshka", 0.5, "m", 8, "candidate")
+    assert ns.first_stage_weight is None  # None = the manifest's weight
+
+
+def test_first_stage_weight_flag() -> None:
+    ours, theirs = split_argv(["--bm25", "--reranker", "matryoshka", "--matryoshka.first-stage-weight", "0.3",
+                               "--hits", "100"])
+    assert ours == ["--reranker", "matryoshka", "--matryoshka.first-stage-weight", "0.3"]
+    assert theirs == ["--bm25", "--hits", "100"]
+    assert _parser().parse_args(ours).first_stage_weight == 0.3
+    ours, _ = split_argv(["--matryoshka.first-stage-weight=0"])
+    assert _parser().parse_args(ours).first_stage_weight == 0.0
+    with pytest.raises(MatryoshkaError, match="unknown option --matryoshka.first-stage-weights"):
+        split_argv(["--matryoshka.first-stage-weights", "0.3"])
 
 
 def test_unknown_matryoshka_flag() -> None:
@@ -52,5 +65,6 @@ def test_help_text_lists_every_flag() -> None:
     text = reranker_help()
     for flag in ("--reranker", "--matryoshka.model", "--matryoshka.threshold", "--matryoshka.policy",
                  "--matryoshka.depth", "--matryoshka.stats", "--matryoshka.providers", "--matryoshka.batch-size",
-                 "--matryoshka.threads", "--matryoshka.index", "--matryoshka.corpus"):
+                 "--matryoshka.threads", "--matryoshka.index", "--matryoshka.corpus",
+                 "--matryoshka.first-stage-weight"):
         assert flag in text

@@ -73,6 +73,21 @@ def test_corpus_formats_and_depth(files: dict[str, Path], tmp_path: Path) -> Non
     assert run.tag == "deep3"
 
 
+def test_first_stage_weight_flag(files: dict[str, Path], tmp_path: Path, capsys) -> None:
+    plain, zero, first, mixed = (tmp_path / f"{n}.txt" for n in ("plain", "zero", "first", "mixed"))
+    assert main(args(files, plain)) == 0
+    assert "first-stage weight 0]" in capsys.readouterr().err  # the model has no tuned weight
+    assert main(args(files, zero, "--first-stage-weight", "0")) == 0
+    assert zero.read_bytes() == plain.read_bytes()  # 0 = exactly the reranker without fusion
+    assert main(args(files, first, "--first-stage-weight", "1")) == 0
+    before, after = read_run(files["run"]), read_run(first)
+    for qid, entries in before.queries.items():  # 1 = the run's own (distinct) scores decide
+        assert [e.docid for e in after.queries[qid]] == [e.docid for e in entries]
+    assert main(args(files, mixed, "--first-stage-weight", "0.5", "--depth", "5")) == 0
+    assert "first-stage weight 0.5]" in capsys.readouterr().err
+    assert mixed.read_bytes() != plain.read_bytes()
+
+
 def error_of(argv: list[str], capsys: pytest.CaptureFixture[str], out: Path) -> str:
     out.write_text("previous content\n")
     assert main(argv) == 2
@@ -123,6 +138,8 @@ def test_non_utf8_corpus(files: dict[str, Path], tmp_path: Path, capsys) -> None
     (["--threshold", "1.5"], r"--threshold=1.5 is invalid: expected a number in \[0, 1\]"),
     (["--threshold", "-0.1"], r"--threshold=-0.1 is invalid"),
     (["--depth", "0"], "--depth=0 is invalid: expected an integer >= 1"),
+    (["--first-stage-weight", "1.5"], r"--first-stage-weight=1.5 is invalid: expected a number in \[0, 1\]"),
+    (["--first-stage-weight", "nan"], r"--first-stage-weight=nan is invalid"),
     (["--policy", "fixed", "--exit-layer", "3"], r"--exit-layer=3 is invalid: expected one of the model's exits"),
     (["--precision", "int8"], "--precision='int8' is invalid"),
     (["--providers", "cuda"], "CUDAExecutionProvider was asked for but onnxruntime"),
