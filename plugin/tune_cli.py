@@ -1,9 +1,13 @@
 """``python -m matryoshka tune``: pick the cascade's policy and threshold on a dev split, store it in the manifest.
 
-BM25 top-``hits`` of the dev queries (Pyserini), one full-depth pass recording every exit's score, an offline replay
-of every (policy, threshold) of the sweep, then the cheapest point whose nDCG@10 is within ``--max-loss`` of full
-depth (default 1%), or the best point within ``--cost`` (share of full-depth layer-FLOPs). The choice is written
-into the model's ``manifest.json`` (``policy``: name, threshold, and what it was tuned on) unless ``--dry-run``.
+BM25 top-``hits`` of the dev queries (Pyserini), one full-depth pass recording every exit's score (the BM25 scores
+are kept), then the first-stage weight W among ``--first-stage-weights`` (default 0 0.1 0.2 0.3 0.4 0.5) whose
+fused full-depth nDCG@10, ``(1-W) * z(reranker) + W * z(BM25)`` per query, is best, an offline replay of every
+(policy, threshold) of the sweep with the same fusion, then the cheapest point whose nDCG@10 is within
+``--max-loss`` of that fused full depth (default 1%), or the best point within ``--cost`` (share of full-depth
+layer-FLOPs). The choice is written into the model's ``manifest.json`` (``policy``: name, threshold,
+first_stage_weight, and what it was tuned on) unless ``--dry-run``. ``--first-stage-weights 0`` tunes the plain
+reranker (no fusion).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from matryoshka.errors import MatryoshkaError, OptionError
 from matryoshka.io import read_run
 from matryoshka.plugin.cascade import Cascade
 from matryoshka.plugin.manifest import PolicySpec, load_manifest, write_manifest
-from matryoshka.plugin.tuning import choose, record_run, sweep
+from matryoshka.plugin.tuning import DEFAULT_FIRST_STAGE_WEIGHTS, SweepPoint, check_weights, record_run, tune
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +42,34 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest relative nDCG@10 loss against full depth (default: 0.01 = 1%%)")
     budget.add_argument("--cost", type=float, default=None,
                         help="instead: a cost target, the share of full-depth layer-FLOPs (e.g. 0.4)")
+    parser.add_argument("--first-stage-weights", type=_weights, nargs="+", metavar="W",
+                        default=[list(DEFAULT_FIRST_STAGE_WEIGHTS)],
+                        help="weights of the z-normalised BM25 score in the final score to choose from (best "
+                             "full-depth nDCG@10 wins; space- or comma-separated, each in [0, 1]; 0 alone = no "
+                             f"fusion; default: {' '.join(f'{w:g}' for w in DEFAULT_FIRST_STAGE_WEIGHTS)})")
     parser.add_argument("--precision", default=None, help="stage files to tune with (default: the manifest's)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sweep-output", type=Path, default=None, help="also write every sweep point as JSON")
     parser.add_argument("--dry-run", action="store_true", help="print the choice, leave the manifest unchanged")
     return parser
+
+
+def _weights(text: str) -> list[float]:
+    """One ``--first-stage-weights`` argument: a number or a comma-separated list of numbers."""
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a comma-separated list of numbers") from None
+
+
+def write_choice(model_dir: str | Path, best: SweepPoint, first_stage_weight: float, tuned_on: dict) -> Path:
+    """Store the chosen policy, threshold and first-stage weight in ``model_dir/manifest.json`` (atomically; the
+    manifest is re-checked before it is written, the model's files are untouched)."""
+    manifest = load_manifest(model_dir, verify=False)
+    policy = PolicySpec(name=best.policy, threshold=best.threshold, tuned_on=tuned_on,
+                        first_stage_weight=float(first_stage_weight))
+    return write_manifest(model_dir, dataclasses.replace(manifest, policy=policy))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,42 +79,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.split == "test":
             raise OptionError("--split", args.split, "a dev or held-out split: tuning on test inflates its figures")
+        weights = check_weights([w for group in args.first_stage_weights for w in group])
         from matryoshka.pipeline import bm25_search, prepare_beir  # Pyserini only on this path
 
         prepared = prepare_beir(args.data, args.split, args.work)
         run_path = bm25_search(prepared.index_dir, prepared.topics, args.work / f"bm25-{args.data.name}-"
                                f"{args.split}-{args.hits}.txt", hits=args.hits)
         run = read_run(run_path)
-        candidates = {qid: [e.docid for e in entries] for qid, entries in run.queries.items()}
-        texts = {d: prepared.dataset.corpus[d].contents for docs in candidates.values() for d in docs}
+        candidates = run.queries  # entries keep the BM25 scores: the first-stage scores of the fusion
+        texts = {e.docid: prepared.dataset.corpus[e.docid].contents for docs in candidates.values() for e in docs}
         cascade = Cascade(args.model, precision=args.precision, threads=args.threads, batch_size=args.batch_size)
         logger.info("recording exit scores of %d pairs (%d queries)", len(texts), len(candidates))
         recorded = record_run(cascade, candidates, prepared.dataset.queries, texts)
-        full, points = sweep(recorded, prepared.dataset.qrels)
-        best = choose(points, max_loss=max_loss, cost_target=args.cost)
+        result = tune(recorded, prepared.dataset.qrels, weights, max_loss=max_loss, cost_target=args.cost)
     except MatryoshkaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"\nfull depth nDCG@10 on {args.data.name} {args.split}: {full:.4f}\n")
+    full, points, best, weight = result.full_ndcg, result.points, result.best, result.first_stage_weight
+    print("\n| first-stage weight | full-depth nDCG@10 |\n|---|---|")
+    for w, ndcg in result.full_ndcg_by_weight.items():
+        print(f"| {w:g} | {ndcg:.4f}{' **chosen**' if w == weight else ''} |")
+    print(f"\nfull depth nDCG@10 on {args.data.name} {args.split} (first-stage weight {weight:g}): {full:.4f}\n")
     print("| policy | threshold | nDCG@10 | relative | mean layers | cost |\n|---|---|---|---|---|---|")
     for p in points:
         mark = " **chosen**" if p == best else ""
         print(f"| {p.policy} | {p.threshold:g} | {p.ndcg10:.4f} | {p.relative_ndcg:.3f} | {p.mean_layers:.2f} | "
               f"{p.relative_cost:.3f}{mark} |")
     if args.sweep_output:
-        args.sweep_output.write_text(json.dumps({"full_ndcg10": full, "points": [p.as_dict() for p in points]},
-                                                indent=1))
+        args.sweep_output.write_text(json.dumps({
+            "full_ndcg10": full, "first_stage_weight": weight,
+            "full_ndcg10_by_first_stage_weight": {f"{w:g}": v for w, v in result.full_ndcg_by_weight.items()},
+            "points": [p.as_dict() for p in points]}, indent=1))
     budget = f"max_loss={max_loss}" if max_loss is not None else f"cost={args.cost}"
-    print(f"\nchosen: policy={best.policy} threshold={best.threshold:g} (nDCG@10 {best.ndcg10:.4f}, "
-          f"{best.relative_ndcg:.1%} of full depth, {best.relative_cost:.1%} of its layer-FLOPs; {budget})")
+    print(f"\nchosen: policy={best.policy} threshold={best.threshold:g} first_stage_weight={weight:g} (nDCG@10 "
+          f"{best.ndcg10:.4f}, {best.relative_ndcg:.1%} of full depth, {best.relative_cost:.1%} of its "
+          f"layer-FLOPs; {budget})")
     if not args.dry_run:
-        manifest = load_manifest(args.model, verify=False)
         tuned_on = {"data": args.data.name, "split": args.split, "hits": args.hits, "budget": budget,
                     "precision": cascade.precision, "ndcg10": round(best.ndcg10, 4),
                     "full_ndcg10": round(full, 4), "relative_cost": round(best.relative_cost, 4)}
-        policy = PolicySpec(name=best.policy, threshold=best.threshold, tuned_on=tuned_on)
-        write_manifest(args.model, dataclasses.replace(manifest, policy=policy))
-        print(f"written to {args.model / 'manifest.json'}")
+        if weights != (0.0,):
+            tuned_on["first_stage_weights"] = list(weights)
+            tuned_on["full_ndcg10_unfused"] = round(recorded.full_depth_ndcg(prepared.dataset.qrels), 4)
+        path = write_choice(args.model, best, weight, tuned_on)
+        print(f"written to {path}")
     return 0
 
 

@@ -7,6 +7,12 @@ stage loop as :meth:`Cascade.run`, and a test checks it gives the very scores an
 
 :func:`choose` then picks, on a dev split, the cheapest (policy, threshold) whose nDCG@10 loss against full depth is
 at most ``max_loss`` (relative), or the best nDCG@10 within a cost target (share of full-depth layer-FLOPs).
+
+Interpolation with the first stage (:mod:`matryoshka.plugin.fusion`): the recorded run keeps the first-stage
+(retriever) scores; :func:`choose_weight` picks, among candidate weights, the one with the best *full-depth* nDCG@10
+after fusion, and :func:`sweep` replays every policy/threshold with the same fusion applied to the replayed final
+scores (exactly as the runtime fuses the cascade's scores), measured against that fused full-depth reference.
+:func:`tune` does the three steps. A weight list of ``(0,)`` is the plain reranker.
 """
 
 from __future__ import annotations
@@ -14,12 +20,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
 from matryoshka.errors import OptionError
 from matryoshka.metrics import ndcg_at_k
 from matryoshka.plugin.cascade import Cascade
+from matryoshka.plugin.fusion import FirstStageScoreError, check_first_stage_weight, fuse
 from matryoshka.plugin.policies import ExitPolicy, StageView, make_policy
 
 logger = logging.getLogger(__name__)
@@ -28,6 +36,7 @@ DEFAULT_THRESHOLDS: dict[str, tuple[float, ...]] = {
     "query": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
     "topk": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999),
 }
+DEFAULT_FIRST_STAGE_WEIGHTS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 
 class _Recorder(ExitPolicy):
@@ -83,6 +92,7 @@ class SweepPoint:
     relative_ndcg: float
     mean_layers: float
     relative_cost: float
+    first_stage_weight: float = 0.0
 
     def as_dict(self) -> dict[str, float | str]:
         return asdict(self)
@@ -99,6 +109,16 @@ class Recorded:
     exits: tuple[int, ...]
     residual_std: tuple[float, ...]
     cumulative_cost: np.ndarray
+    #: first-stage (retriever) score per candidate, None when the recorded run had bare docids
+    first_stage: np.ndarray | None = None
+
+    def fused(self, scores: np.ndarray, first_stage_weight: float = 0.0) -> np.ndarray:
+        """``scores`` (one per candidate) fused with the first-stage scores per query, as the runtime does."""
+        w = check_first_stage_weight(first_stage_weight)
+        if w > 0 and self.first_stage is None:
+            raise FirstStageScoreError(f"first_stage_weight={w:g} needs first-stage scores, but the recorded run "
+                                       "has bare document ids (record a run with scores)")
+        return fuse(scores, self.first_stage, w, self.groups, qids=self.qids, docids=self.docids)
 
     def to_run(self, scores: np.ndarray) -> dict[str, dict[str, float]]:
         run: dict[str, dict[str, float]] = {}
@@ -106,48 +126,110 @@ class Recorded:
             run.setdefault(qid, {})[docid] = float(score)
         return run
 
-    def evaluate(self, policy: ExitPolicy, qrels: Mapping[str, Mapping[str, int]], full_ndcg: float
-                 ) -> SweepPoint:
+    def evaluate(self, policy: ExitPolicy, qrels: Mapping[str, Mapping[str, int]], full_ndcg: float,
+                 first_stage_weight: float = 0.0) -> SweepPoint:
         final, stage = replay(self.exit_scores, self.groups, policy, self.exits, self.residual_std)
-        ndcg = ndcg_at_k(self.to_run(final), qrels)
+        ndcg = ndcg_at_k(self.to_run(self.fused(final, first_stage_weight)), qrels)
         layers = float(np.asarray(self.exits)[stage].mean())
         cost = float(self.cumulative_cost[stage].mean())
-        return SweepPoint(policy.name, policy.threshold, ndcg, ndcg / full_ndcg if full_ndcg else 0.0, layers, cost)
+        return SweepPoint(policy.name, policy.threshold, ndcg, ndcg / full_ndcg if full_ndcg else 0.0, layers, cost,
+                          float(first_stage_weight))
+
+    def full_depth_ndcg(self, qrels: Mapping[str, Mapping[str, int]], first_stage_weight: float = 0.0) -> float:
+        """nDCG@10 of the full-depth scores, fused with the first stage by ``first_stage_weight``."""
+        return ndcg_at_k(self.to_run(self.fused(self.exit_scores[:, -1], first_stage_weight)), qrels)
 
 
-def record_run(cascade: Cascade, run: Mapping[str, Sequence[str]], topics: Mapping[str, str],
+def record_run(cascade: Cascade, run: Mapping[str, Sequence[Any] | Mapping[str, float]], topics: Mapping[str, str],
                texts: Mapping[str, str], progress: bool = True) -> Recorded:
-    """Record exit scores for every (query, candidate) of ``run`` ({qid: [docid, ...]}).
+    """Record exit scores for every (query, candidate) of ``run``: ``{qid: [docid, ...]}`` (given order, no
+    first-stage scores) or, keeping the first-stage scores for fusion, ``{qid: {docid: score}}``, ``{qid:
+    [RunEntry, ...]}`` or ``{qid: [(docid, score), ...]}`` (ranked by (-score, docid), as the reranker does).
 
     One cascade call per query, as the reranker runs in Pyserini, so the batches are the same: with dynamically
     quantized (int8) stages a score depends slightly on the other rows of its batch.
     """
     from tqdm import tqdm
 
+    from matryoshka.plugin.api import ranked_hits
+
     qids, docids, groups, blocks = [], [], [], []
-    for g, (qid, candidates) in enumerate(tqdm(list(run.items()), desc="recording exit scores", unit="query",
-                                               disable=not progress)):
+    first_stage: list[float] | None = []
+    for g, (qid, hits) in enumerate(tqdm(list(run.items()), desc="recording exit scores", unit="query",
+                                         disable=not progress)):
+        candidates, scores = ranked_hits(hits)
         blocks.append(record_exit_scores(cascade, [topics[qid]] * len(candidates), [texts[d] for d in candidates]))
         qids += [qid] * len(candidates)
         docids += list(candidates)
         groups += [g] * len(candidates)
+        if scores is None:
+            first_stage = None  # one query without scores: no fusion possible for the run
+        elif first_stage is not None:
+            first_stage.extend(scores)
     manifest = cascade.manifest
     residual = tuple(manifest.exit_calibration(e).residual_std for e in cascade.exits)
     scores = np.concatenate(blocks) if blocks else np.zeros((0, len(cascade.exits)))
     return Recorded(qids, docids, np.asarray(groups, dtype=np.int64), scores, tuple(cascade.exits), residual,
-                    cascade.cumulative_cost)
+                    cascade.cumulative_cost, None if first_stage is None else np.asarray(first_stage, np.float64))
 
 
 def sweep(recorded: Recorded, qrels: Mapping[str, Mapping[str, int]],
-          thresholds: Mapping[str, Sequence[float]] = DEFAULT_THRESHOLDS) -> tuple[float, list[SweepPoint]]:
-    """nDCG@10 and cost of every fixed exit and every (policy, threshold); returns (full-depth nDCG@10, points)."""
-    full = ndcg_at_k(recorded.to_run(recorded.exit_scores[:, -1]), qrels)
-    points = [recorded.evaluate(make_policy("fixed", None, recorded.exits, 1.0, exit_layer=e), qrels, full)
+          thresholds: Mapping[str, Sequence[float]] = DEFAULT_THRESHOLDS, first_stage_weight: float = 0.0
+          ) -> tuple[float, list[SweepPoint]]:
+    """nDCG@10 and cost of every fixed exit and every (policy, threshold), each replay's final scores fused with
+    the first stage by ``first_stage_weight``; returns (fused full-depth nDCG@10, points)."""
+    w = check_first_stage_weight(first_stage_weight)
+    full = recorded.full_depth_ndcg(qrels, w)
+    points = [recorded.evaluate(make_policy("fixed", None, recorded.exits, 1.0, exit_layer=e), qrels, full, w)
               for e in recorded.exits]
     for name, values in thresholds.items():
         for threshold in values:
-            points.append(recorded.evaluate(make_policy(name, threshold, recorded.exits, 1.0), qrels, full))
+            points.append(recorded.evaluate(make_policy(name, threshold, recorded.exits, 1.0), qrels, full, w))
     return full, points
+
+
+def check_weights(weights: Sequence[float], option: str = "--first-stage-weights") -> tuple[float, ...]:
+    """The distinct weights in the given order, each checked to lie in [0, 1]; at least one."""
+    values = list(weights)
+    if not values:
+        raise OptionError(option, values, "at least one weight in [0, 1], e.g. 0 0.1 0.2 0.3")
+    for value in values:
+        check_first_stage_weight(value, option)
+    return tuple(dict.fromkeys(float(v) for v in values))
+
+
+def choose_weight(recorded: Recorded, qrels: Mapping[str, Mapping[str, int]],
+                  weights: Sequence[float] = DEFAULT_FIRST_STAGE_WEIGHTS) -> tuple[float, dict[float, float]]:
+    """The weight with the best fused full-depth nDCG@10 (ties: the smallest weight), and every weight's figure."""
+    values = check_weights(weights)
+    if recorded.first_stage is None and any(w > 0 for w in values):
+        raise OptionError("--first-stage-weights", list(values), "0 only: the recorded run has no first-stage scores")
+    by_weight = {w: recorded.full_depth_ndcg(qrels, w) for w in values}
+    best = max(sorted(by_weight), key=lambda w: by_weight[w])  # max keeps the first (smallest) of equal figures
+    return best, by_weight
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """What :func:`tune` chose: the first-stage weight, the policy/threshold point, and the figures behind them."""
+
+    first_stage_weight: float
+    full_ndcg_by_weight: dict[float, float]
+    full_ndcg: float
+    points: list[SweepPoint]
+    best: SweepPoint
+
+
+def tune(recorded: Recorded, qrels: Mapping[str, Mapping[str, int]],
+         weights: Sequence[float] = DEFAULT_FIRST_STAGE_WEIGHTS,
+         thresholds: Mapping[str, Sequence[float]] = DEFAULT_THRESHOLDS, max_loss: float | None = 0.01,
+         cost_target: float | None = None) -> TuneResult:
+    """:func:`choose_weight` (best fused full depth), then :func:`sweep` with that weight and :func:`choose` the
+    cheapest point within ``max_loss`` of the fused full-depth nDCG@10 (or the best within ``cost_target``)."""
+    weight, by_weight = choose_weight(recorded, qrels, weights)
+    full, points = sweep(recorded, qrels, thresholds, first_stage_weight=weight)
+    best = choose(points, max_loss=max_loss, cost_target=cost_target)
+    return TuneResult(weight, by_weight, full, points, best)
 
 
 def choose(points: Sequence[SweepPoint], max_loss: float | None = 0.01, cost_target: float | None = None
