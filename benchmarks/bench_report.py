@@ -19,6 +19,7 @@ from matryoshka.io import read_run, write_trec_qrels
 from matryoshka.io.atomic import atomic_write
 from matryoshka.pipeline import bm25_search, prepare_beir, trec_eval
 from matryoshka.plugin.cascade import Cascade
+from matryoshka.plugin.fusion import fuse
 from matryoshka.plugin.policies import make_policy
 from matryoshka.plugin.tuning import record_run, replay, sweep
 
@@ -51,6 +52,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=REPO / "runs" / "work")
     p.add_argument("--results", type=Path, default=REPO / "runs" / "benchmark")
     p.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "ndcg_vs_cost.png")
+    p.add_argument("--recorded", type=Path, nargs="+", default=[],
+                   help="folders of recorded per-exit runs (benchmarks/record_exits.py, matryoshka.training.evaluate) "
+                   "to replay instead of a full-depth pass over all queries (see benchmarks/recorded.py)")
+    p.add_argument("--recorded-tags", nargs="+", default=["int8", "fp32"],
+                   help="run tags to look for, in order of preference (NAME-TAG-exit<L>.trec)")
     p.add_argument("--write", type=Path, default=None, help="write the report into this markdown file (BENCHMARKS.md)")
     return p.parse_args(argv)
 
@@ -72,35 +78,54 @@ def evaluate(run: dict[str, dict[str, float]], qrels: Path, folder: Path, name: 
 
 
 def quality(name: str, data: Path, args: argparse.Namespace, out: Path) -> tuple[list[Row], dict, dict]:
+    """BM25, every fixed exit (plain and fused with the first stage), the tuned default, and the sweep curve."""
+    from benchmarks.recorded import find_recorded, load_recorded
+
     prepared = prepare_beir(data, "test", args.work)
-    bm25_path = bm25_search(prepared.index_dir, prepared.topics, args.work / f"bm25-{name}-test-{args.hits}.txt",
-                            hits=args.hits)
+    chain = Cascade(args.model, precision="int8" if "int8" in _precisions(args.model) else None,
+                    threads=args.threads, batch_size=args.batch_size)
+    exits = list(chain.exits)
+    files = find_recorded(name, args.recorded, args.recorded_tags, exits) if args.recorded else None
+    if files is not None:
+        bm25_path = files.bm25
+    else:
+        bm25_path = bm25_search(prepared.index_dir, prepared.topics, args.work / f"bm25-{name}-test-{args.hits}.txt",
+                                hits=args.hits)
     bm25 = read_run(bm25_path)
     rows = [Row("BM25 (Pyserini)", trec_eval(prepared.qrels, bm25_path), 0.0, 0.0)]
     candidates = {qid: [e.docid for e in entries] for qid, entries in bm25.queries.items()}
     texts = {d: prepared.dataset.corpus[d].contents for docs in candidates.values() for d in docs}
-    chain = Cascade(args.model, precision="int8" if "int8" in _precisions(args.model) else None,
-                    threads=args.threads, batch_size=args.batch_size)
     start = time.perf_counter()
-    recorded = record_run(chain, candidates, prepared.dataset.queries, texts)
-    logger.info("%s: recorded %d pairs in %.0f s", name, len(recorded.docids), time.perf_counter() - start)
-    exits = list(recorded.exits)
-    for e in exits:
-        policy = make_policy("fixed", None, exits, 1.0, exit_layer=e)
-        final, stage = replay(recorded.exit_scores, recorded.groups, policy, exits, recorded.residual_std)
-        label = f"(c) fixed exit {e}" + (" = full depth" if e == exits[-1] else "")
-        rows.append(Row(label, evaluate(recorded.to_run(final), prepared.qrels, out, f"{name}-fixed{e}"),
-                        float(np.asarray(exits)[stage].mean()), float(recorded.cumulative_cost[stage].mean())))
+    if files is not None:
+        recorded = load_recorded(files, chain)
+        source = f"recorded exit scores `{files.describe()}`"
+    else:
+        recorded = record_run(chain, bm25.queries, prepared.dataset.queries, texts)
+        source = f"ONNX {chain.precision} stage chain, recorded by this run"
+    logger.info("%s: %d pairs from %s in %.0f s", name, len(recorded.docids), source, time.perf_counter() - start)
     default = chain.manifest.policy
+    weight = default.first_stage_weight
+    for w in dict.fromkeys((0.0, weight)):
+        for e in exits:
+            policy = make_policy("fixed", None, exits, 1.0, exit_layer=e)
+            final, stage = replay(recorded.exit_scores, recorded.groups, policy, exits, recorded.residual_std)
+            label = f"(c) fixed exit {e}" + (" = full depth" if e == exits[-1] else "")
+            label += f" + first stage (w={w:g})" if w else ""
+            run = recorded.to_run(recorded.fused(final, w))
+            rows.append(Row(label, evaluate(run, prepared.qrels, out, f"{name}-fixed{e}-w{w:g}"),
+                            float(np.asarray(exits)[stage].mean()), float(recorded.cumulative_cost[stage].mean())))
     policy = make_policy(default.name, default.threshold, exits, default.threshold)
     final, stage = replay(recorded.exit_scores, recorded.groups, policy, exits, recorded.residual_std)
-    rows.append(Row(f"(d) cascade {default.name} @ {default.threshold:g} (tuned default)",
-                    evaluate(recorded.to_run(final), prepared.qrels, out, f"{name}-default"),
+    fusion = f" + first stage (w={weight:g})" if weight else ""
+    rows.append(Row(f"(d) cascade {default.name} @ {default.threshold:g}{fusion} (tuned default)",
+                    evaluate(recorded.to_run(recorded.fused(final, weight)), prepared.qrels, out, f"{name}-default"),
                     float(np.asarray(exits)[stage].mean()), float(recorded.cumulative_cost[stage].mean())))
-    full, points = sweep(recorded, prepared.dataset.qrels)
+    full, points = sweep(recorded, prepared.dataset.qrels, first_stage_weight=weight)
     curve = {"full": full, "bm25": rows[0].metrics["ndcg_cut_10"], "points": [p.as_dict() for p in points],
-             "default": {"ndcg10": rows[-1].metrics["ndcg_cut_10"], "cost": rows[-1].cost}}
-    context = {"prepared": prepared, "candidates": candidates, "texts": texts}
+             "default": {"ndcg10": rows[-1].metrics["ndcg_cut_10"], "cost": rows[-1].cost},
+             "first_stage_weight": weight, "source": source}
+    context = {"prepared": prepared, "candidates": candidates, "texts": texts, "source": source,
+               "first_stage": {q: {e.docid: e.score for e in entries} for q, entries in bm25.queries.items()}}
     return rows, curve, context
 
 
@@ -136,6 +161,12 @@ def timed(name: str, context: dict, args: argparse.Namespace, out: Path) -> list
              f"{args.batch_size}\n",
              "| configuration | nDCG@10 | mean layers | cand/s | ms/query p50 | p95 | peak RSS MiB | x vs (a) | "
              "x vs (b int8) |", "|---|---|---|---|---|---|---|---|---|"]
+    weight = Cascade(args.model, verify=False).manifest.policy.first_stage_weight
+    if weight:  # the plugin fuses the default cascade's scores with the first stage (negligible time)
+        first = context["first_stage"]
+        results["default"]["run"] = {q: dict(zip(hits, fuse(list(hits.values()), [first[q][d] for d in hits], weight),
+                                                 strict=True)) for q, hits in results["default"]["run"].items()}
+        labels["default"] += f" + first stage (w={weight:g})"
     for config, res in results.items():
         metrics = evaluate(res["run"], qrels, out, f"{name}-timed-{config.replace(':', '_')}")
         total = sum(res["seconds"])
@@ -188,9 +219,9 @@ def run_benchmark(argv: list[str]) -> int:
     report = ["# Benchmarks", "", f"Command: `{command}`", "",
               f"Machine: {platform.machine()}, {args.threads} threads, Python {platform.python_version()}; "
               f"model `{args.model.relative_to(REPO) if args.model.is_relative_to(REPO) else args.model}`.", "",
-              "## Effectiveness and compute, all test queries, BM25 top-100 reranked (ONNX int8 stage chain)", "",
+              f"## Effectiveness and compute, all test queries, BM25 top-{args.hits} reranked", "",
               "| run | nDCG@10 | MRR@10 | R@100 | mean layers | layer-FLOPs |", "|---|---|---|---|---|---|"]
-    timing, curves = [], {}
+    timing, curves, notes = [], {}, []
     for name in args.datasets:
         data = dataset_dir(name)
         if data is None:
@@ -200,9 +231,15 @@ def run_benchmark(argv: list[str]) -> int:
         curves[name] = curve
         report.append(f"| **{name}** | | | | | |")
         report.extend(fmt(r) for r in rows)
+        default = rows[-1]
+        notes.append(f"- {name}: scores from {curve['source']}; tuned default = "
+                     f"{default.metrics['ndcg_cut_10'] / curve['full']:.1%} of full-depth nDCG@10 (same first-stage "
+                     f"weight {curve['first_stage_weight']:g}) at {default.cost:.1%} of its layer-FLOPs "
+                     f"(targets: >= 99% at <= 40%)")
         if name in args.timed_datasets:
             timing.extend(timed(name, context, args, out))
-    report += ["", "## Side by side, timed (same candidates, each configuration in a fresh process)", *timing]
+    report += ["", *notes, "", "## Side by side, timed (same candidates, each configuration in a fresh process)",
+               *timing]
     plot(curves, args.plot)
     shown = args.plot.relative_to(REPO) if args.plot.is_relative_to(REPO) else args.plot
     report += ["", f"![nDCG@10 against layer-FLOPs]({shown})", ""]

@@ -65,3 +65,17 @@ def test_choose_cheapest_within_loss_or_best_within_cost() -> None:
         choose(points, max_loss=0.01, cost_target=0.4)
     with pytest.raises(OptionError, match="relative loss"):
         choose(points, max_loss=1.5)
+
+
+def test_tune_query_sample_is_seeded_judged_and_checked() -> None:
+    from matryoshka.plugin.tune_cli import sample_queries
+
+    candidates = {f"q{i}": [f"d{i}"] for i in range(10)}
+    qrels = {f"q{i}": {f"d{i}": 1 if i % 3 else 0} for i in range(10)}  # q0, q3, q6, q9 have no relevant doc
+    assert sample_queries(candidates, qrels, None, 0) is candidates
+    a, b = sample_queries(candidates, qrels, 4, seed=1), sample_queries(candidates, qrels, 4, seed=1)
+    assert a == b and len(a) == 4 and all(int(q[1:]) % 3 for q in a)
+    assert list(a) == [q for q in candidates if q in a]  # run order kept
+    assert sample_queries(candidates, qrels, 6, seed=0).keys() == {f"q{i}" for i in range(10) if i % 3}
+    with pytest.raises(OptionError, match="--queries"):
+        sample_queries(candidates, qrels, 7, seed=0)
