@@ -42,6 +42,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python benchmarks/rerank_benchmark.py", description=__doc__)
     p.add_argument("--model", type=Path, default=REPO / "plugin" / "default_model", help="exported model folder")
     p.add_argument("--checkpoint", type=Path, default=None, help="training checkpoint for (a) PyTorch fp32")
+    p.add_argument("--full-graph-model", type=Path, default=None,
+                   help="exported folder of the same checkpoint with the full-depth graphs for (b), when --model "
+                   "ships stages only (default: --model)")
     p.add_argument("--datasets", nargs="+", default=["scifact", "nfcorpus", "cranfield", "cisi", "med", "adi"])
     p.add_argument("--timed-datasets", nargs="+", default=["scifact", "nfcorpus"],
                    help="datasets that also get the side-by-side timed table")
@@ -129,6 +132,20 @@ def quality(name: str, data: Path, args: argparse.Namespace, out: Path) -> tuple
     return rows, curve, context
 
 
+def check_same_model(model: Path, other: Path) -> None:
+    """(b) must be the very model of the cascade: same exits, tokenizer and int8 stage files (or no int8)."""
+    from matryoshka.plugin.manifest import load_manifest
+
+    a, b = load_manifest(model, verify=False), load_manifest(other, verify=False)
+    same = a.exits == b.exits and a.tokenizer.sha256 == b.tokenizer.sha256
+    for precision in set(a.precisions) & set(b.precisions):
+        same = same and all(x.files[precision].sha256 == y.files[precision].sha256
+                            for x, y in zip(a.stages, b.stages, strict=True))
+    if not same:
+        raise SystemExit(f"error: {other} is not an export of the same model as {model} (exits, tokenizer or stage "
+                         "files differ): export the same checkpoint with the same --exits")
+
+
 def _precisions(model: Path) -> list[str]:
     from matryoshka.plugin.manifest import load_manifest
 
@@ -146,8 +163,11 @@ def timed(name: str, context: dict, args: argparse.Namespace, out: Path) -> list
     qrels = out / f"{name}-timing.qrels"
     write_trec_qrels(qrels, {q: prepared.dataset.qrels[q] for q in qids})
     exits = Cascade(args.model, verify=False).exits
+    full_model = args.full_graph_model or args.model
+    check_same_model(args.model, full_model)
+    full_precisions = _precisions(full_model) if Cascade(full_model, verify=False).manifest.full_graph else []
     configs = (["torch-fp32"] if args.checkpoint else []) + [f"onnx-full-{p}" for p in ("fp32", "int8")
-                                                             if p in _precisions(args.model)]
+                                                             if p in full_precisions]
     configs += [f"fixed:{e}" for e in exits] + ["default"]
     labels = {"torch-fp32": "(a) PyTorch fp32 full depth", "onnx-full-fp32": "(b) ONNX full graph fp32",
               "onnx-full-int8": "(b) ONNX full graph int8", "default": "(d) cascade, tuned default"}

@@ -140,7 +140,8 @@ def chain_precisions(model: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------ parent side
 def run_config(config: str, args: argparse.Namespace, cache: Path, tmp: Path) -> dict:
     out = tmp / f"{config.replace(':', '_')}.json"
-    cmd = [sys.executable, __file__, "_worker", config, str(args.model), str(args.checkpoint or ""), str(cache),
+    model = (args.full_graph_model or args.model) if config.startswith("onnx-full-") else args.model
+    cmd = [sys.executable, __file__, "_worker", config, str(model), str(args.checkpoint or ""), str(cache),
            str(out), str(args.threads), str(args.batch_size)]
     logger.info("timing %s", config)
     subprocess.run(cmd, check=True)

@@ -52,28 +52,34 @@ def row(name: str, m: dict[str, float], layers: str = "—", cost: str = "—", 
 
 
 def compare(args: argparse.Namespace, model: Path, prepared, bm25_path: Path, out: Path) -> tuple[list[str], Path]:
-    """Full depth, fixed exits and the sweep, replayed from one recorded full-depth pass; writes the plot."""
+    """Full depth, fixed exits and the sweep, replayed from one recorded full-depth pass; writes the plot.
+
+    The fixed exits are shown plain and, when the model's policy has a first-stage weight, fused with the BM25 score
+    as the cascade's own scores are; the sweep (and its 99% line) uses that same weight."""
     from matryoshka.io import read_run, write_run
     from matryoshka.plugin.cascade import Cascade
     from matryoshka.plugin.policies import make_policy
     from matryoshka.plugin.tuning import record_run, replay, sweep
 
     run = read_run(bm25_path)
-    candidates = {qid: [e.docid for e in entries] for qid, entries in run.queries.items()}
-    texts = {d: prepared.dataset.corpus[d].contents for docs in candidates.values() for d in docs}
+    texts = {e.docid: prepared.dataset.corpus[e.docid].contents for hits in run.queries.values() for e in hits}
     chain = Cascade(model, threads=args.threads)
-    recorded = record_run(chain, candidates, prepared.dataset.queries, texts)
+    weight = chain.manifest.policy.first_stage_weight
+    recorded = record_run(chain, run.queries, prepared.dataset.queries, texts)
     lines = []
-    for e in recorded.exits:
-        policy = make_policy("fixed", None, recorded.exits, 1.0, exit_layer=e)
-        final, stage = replay(recorded.exit_scores, recorded.groups, policy, recorded.exits, recorded.residual_std)
-        path = out / f"fixed-exit-{e}.txt"
-        write_run(path, recorded.to_run(final), tag=f"matryoshka-exit{e}")
-        label = f"full depth (fixed exit {e})" if e == recorded.exits[-1] else f"fixed exit {e}"
-        lines.append(row(label, trec_eval(prepared.qrels, path), f"{e:.2f}",
-                         f"{recorded.cumulative_cost[stage].mean():.1%}"))
-    full, points = sweep(recorded, prepared.dataset.qrels)
-    curve = {"full": full, "points": [p.as_dict() for p in points]}
+    for w in dict.fromkeys((0.0, weight)):
+        for e in recorded.exits:
+            policy = make_policy("fixed", None, recorded.exits, 1.0, exit_layer=e)
+            final, stage = replay(recorded.exit_scores, recorded.groups, policy, recorded.exits,
+                                  recorded.residual_std)
+            path = out / f"fixed-exit-{e}" + (f"-w{w:g}" if w else "") + ".txt"
+            write_run(path, recorded.to_run(recorded.fused(final, w)), tag=f"matryoshka-exit{e}")
+            label = f"full depth (fixed exit {e})" if e == recorded.exits[-1] else f"fixed exit {e}"
+            label += f" + BM25 (w={w:g})" if w else ""
+            lines.append(row(label, trec_eval(prepared.qrels, path), f"{e:.2f}",
+                             f"{recorded.cumulative_cost[stage].mean():.1%}"))
+    full, points = sweep(recorded, prepared.dataset.qrels, first_stage_weight=weight)
+    curve = {"full": full, "first_stage_weight": weight, "points": [p.as_dict() for p in points]}
     (out / "sweep.json").write_text(json.dumps(curve, indent=1))
     return lines, plot(curve, out / "ndcg_vs_cost.png", args.data.name)
 
@@ -92,6 +98,8 @@ def plot(curve: dict, path: Path, title: str) -> Path:
     fixed = [(p["relative_cost"], p["ndcg10"]) for p in curve["points"] if p["policy"] == "fixed"]
     ax.plot(*zip(*fixed, strict=True), "kD", ms=5, label="fixed exits")
     ax.axhline(curve["full"] * 0.99, color="red", ls="--", lw=0.8, label="99% of full depth")
+    if curve.get("first_stage_weight"):
+        title += f" (scores fused with BM25, w={curve['first_stage_weight']:g})"
     ax.set(title=title, xlabel="layer-FLOPs (share of full depth)", ylabel="nDCG@10")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -125,8 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--hits", args.hits, "--threads", args.threads, "--reranker", "matryoshka", "--matryoshka.model", model,
             "--matryoshka.threads", args.threads, "--matryoshka.stats", stats_path, *extra])
         stats = json.loads(stats_path.read_text())
+        fused = f", + BM25 w={stats['first_stage_weight']:g}" if stats.get("first_stage_weight") else ""
         lines = [row("BM25 (Pyserini)", trec_eval(prepared.qrels, bm25_path), "0", "0%"),
-                 row(f"BM25 + matryoshka cascade ({stats['policy']})", trec_eval(prepared.qrels, cascade_path),
+                 row(f"BM25 + matryoshka cascade ({stats['policy']}{fused})", trec_eval(prepared.qrels, cascade_path),
                      f"{stats['mean_layers_per_candidate']:.2f}", f"{stats['relative_layer_cost']:.1%}",
                      f"{stats['candidates_per_second']:.1f}", f"{stats['ms_per_query_p50']:.0f}",
                      f"{stats['ms_per_query_p95']:.0f}")]
