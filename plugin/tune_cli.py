@@ -1,7 +1,7 @@
 """``python -m matryoshka tune``: pick the cascade's policy and threshold on a dev split, store it in the manifest.
 
 BM25 top-``hits`` of the dev queries (Pyserini), one full-depth pass recording every exit's score (the BM25 scores
-are kept), then the first-stage weight W among ``--first-stage-weights`` (default 0 0.1 0.2 0.3 0.4 0.5) whose
+are kept), then the first-stage weight W among ``--first-stage-weights`` (default 0 0.1 ... 0.7) whose
 fused full-depth nDCG@10, ``(1-W) * z(reranker) + W * z(BM25)`` per query, is best, an offline replay of every
 (policy, threshold) of the sweep with the same fusion, then the cheapest point whose nDCG@10 is within
 ``--max-loss`` of that fused full depth (default 1%), or the best point within ``--cost`` (share of full-depth
@@ -22,11 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
-from matryoshka.errors import MatryoshkaError, OptionError
+from matryoshka.errors import DataFormatError, MatryoshkaError, OptionError
 from matryoshka.io import read_run
+from matryoshka.io.atomic import atomic_write
 from matryoshka.plugin.cascade import Cascade
 from matryoshka.plugin.manifest import PolicySpec, load_manifest, write_manifest
-from matryoshka.plugin.tuning import DEFAULT_FIRST_STAGE_WEIGHTS, SweepPoint, check_weights, record_run, tune
+from matryoshka.plugin.tuning import (
+    DEFAULT_FIRST_STAGE_WEIGHTS,
+    Recorded,
+    SweepPoint,
+    check_weights,
+    record_run,
+    tune,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sweep-output", type=Path, default=None, help="also write every sweep point as JSON")
+    parser.add_argument("--cache", type=Path, default=None, metavar="FILE.npz",
+                        help="keep the recorded exit scores in this file and reuse them when the model files, data, "
+                        "split, hits and query sample are the same (re-tune another budget in seconds)")
     parser.add_argument("--dry-run", action="store_true", help="print the choice, leave the manifest unchanged")
     return parser
 
@@ -84,6 +95,43 @@ def sample_queries(candidates: dict, qrels: Mapping[str, Mapping[str, int]], n: 
     return {q: hits for q, hits in candidates.items() if q in chosen}
 
 
+def cache_key(cascade: Cascade, args: argparse.Namespace) -> str:
+    """What the recorded scores depend on: the stage files run, the data and the candidate sample."""
+    import hashlib
+
+    parts = [cascade.precision, *(s.files[cascade.precision].sha256 for s in cascade.manifest.stages),
+             str(args.data.resolve()), args.split, str(args.hits), str(args.queries), str(args.seed)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def load_cached(path: Path, key: str) -> Recorded | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["key"]) != key:
+                logger.info("%s was recorded for other model files or data: recording again", path)
+                return None
+            first = data["first_stage"]
+            recorded = Recorded([str(q) for q in data["qids"]], [str(d) for d in data["docids"]], data["groups"],
+                                data["exit_scores"], tuple(int(e) for e in data["exits"]),
+                                tuple(float(r) for r in data["residual_std"]), data["cumulative_cost"],
+                                first if first.size else None)
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataFormatError(path, None, f"not a tuning cache ({exc})", "delete it or pass another --cache") from None
+    logger.info("reusing the exit scores recorded in %s", path)
+    return recorded
+
+
+def save_cached(path: Path, key: str, recorded: Recorded) -> None:
+    first = recorded.first_stage if recorded.first_stage is not None else np.zeros(0)
+    with atomic_write(path, "wb") as handle:
+        np.savez(handle, key=np.array(key), qids=np.array(recorded.qids), docids=np.array(recorded.docids),
+                 groups=recorded.groups, exit_scores=recorded.exit_scores, exits=np.array(recorded.exits),
+                 residual_std=np.array(recorded.residual_std), cumulative_cost=recorded.cumulative_cost,
+                 first_stage=first)
+
+
 def write_choice(model_dir: str | Path, best: SweepPoint, first_stage_weight: float, tuned_on: dict) -> Path:
     """Store the chosen policy, threshold and first-stage weight in ``model_dir/manifest.json`` (atomically; the
     manifest is re-checked before it is written, the model's files are untouched)."""
@@ -108,11 +156,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                                f"{args.split}-{args.hits}.txt", hits=args.hits)
         run = read_run(run_path)
         candidates = sample_queries(run.queries, prepared.dataset.qrels, args.queries, args.seed)
+        # a sample is judged on its own queries only (queries of the qrels without a run would count as 0)
+        qrels = prepared.dataset.qrels if args.queries is None else {
+            q: prepared.dataset.qrels[q] for q in candidates if q in prepared.dataset.qrels}
         texts = {e.docid: prepared.dataset.corpus[e.docid].contents for docs in candidates.values() for e in docs}
         cascade = Cascade(args.model, precision=args.precision, threads=args.threads, batch_size=args.batch_size)
-        logger.info("recording exit scores of %d pairs (%d queries)", len(texts), len(candidates))
-        recorded = record_run(cascade, candidates, prepared.dataset.queries, texts)
-        result = tune(recorded, prepared.dataset.qrels, weights, max_loss=max_loss, cost_target=args.cost)
+        recorded = None
+        key = cache_key(cascade, args) if args.cache else ""
+        if args.cache:
+            recorded = load_cached(args.cache, key)
+        if recorded is None:
+            logger.info("recording exit scores of %d pairs (%d queries)",
+                        sum(len(h) for h in candidates.values()), len(candidates))
+            recorded = record_run(cascade, candidates, prepared.dataset.queries, texts)
+            if args.cache:
+                save_cached(args.cache, key, recorded)
+        result = tune(recorded, qrels, weights, max_loss=max_loss, cost_target=args.cost)
     except MatryoshkaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -142,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "full_ndcg10": round(full, 4), "relative_cost": round(best.relative_cost, 4)}
         if weights != (0.0,):
             tuned_on["first_stage_weights"] = list(weights)
-            tuned_on["full_ndcg10_unfused"] = round(recorded.full_depth_ndcg(prepared.dataset.qrels), 4)
+            tuned_on["full_ndcg10_unfused"] = round(recorded.full_depth_ndcg(qrels), 4)
         path = write_choice(args.model, best, weight, tuned_on)
         print(f"written to {path}")
     return 0

@@ -36,7 +36,7 @@ DEFAULT_THRESHOLDS: dict[str, tuple[float, ...]] = {
     "query": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
     "topk": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999),
 }
-DEFAULT_FIRST_STAGE_WEIGHTS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+DEFAULT_FIRST_STAGE_WEIGHTS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 class _Recorder(ExitPolicy):

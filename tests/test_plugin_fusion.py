@@ -301,7 +301,7 @@ def test_choose_weight_needs_first_stage_scores(model_dir: Path, corpus: dict[st
 def test_tune_cli_weights_flag(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     parse = tune_parser().parse_args
     base = ["--model", "m", "--data", "d"]
-    assert parse(base).first_stage_weights == [[0.0, 0.1, 0.2, 0.3, 0.4, 0.5]]
+    assert parse(base).first_stage_weights == [[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]]
     assert parse([*base, "--first-stage-weights", "0"]).first_stage_weights == [[0.0]]
     assert parse([*base, "--first-stage-weights", "0", "0.2,0.3"]).first_stage_weights == [[0.0], [0.2, 0.3]]
     with pytest.raises(SystemExit):
