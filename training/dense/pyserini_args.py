@@ -14,6 +14,12 @@ Traps handled here: Pyserini also picks settings from words in the model *path* 
 ``contriever`` mean without L2, ``clip``/``dse`` force L2 and crash the ``auto`` document encoder), so a path that
 would change the settings is refused; and its ``qwen3`` document encoder prepends the string ``"None"`` to every
 text when no ``--prefix`` is given, so an empty ``--prefix`` is always passed for it.
+
+Hybrid search (``pyserini.search.hybrid``) scores ``alpha * BM25 + dense`` over the top hits of each. Its
+``--normalization`` option divides by ``max - min`` of each hit list and crashes (ZeroDivisionError) on any query
+for which BM25 returns a single hit (13 NFCorpus test queries), so it is off by default here; with cosine scores
+(L2-normalised models) ``alpha`` = 0.08 balances BM25 (picked on NFCorpus dev in
+``benchmarks/dense_pipeline.py``).
 """
 
 from __future__ import annotations
@@ -135,7 +141,7 @@ def faiss_search_args(spec: EncodingSpec, index: PathLike, topics: PathLike, out
 
 
 def hybrid_search_args(spec: EncodingSpec, dense_index: PathLike, lucene_index: PathLike, topics: PathLike,
-                       output: PathLike, hits: int = 1000, alpha: float = 1.0, normalization: bool = True
+                       output: PathLike, hits: int = 1000, alpha: float = 0.08, normalization: bool = False
                        ) -> list[str]:
     """Arguments of ``python -m pyserini.search.hybrid`` (Pyserini's own score fusion of dense and BM25 hits)."""
     words = ("dense", "sparse", "fusion", "run")
