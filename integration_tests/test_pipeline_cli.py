@@ -27,7 +27,7 @@ def _pipeline(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.skipif(not (DEFAULT_MODEL / "manifest.json").is_file(), reason="no bundled default model")
 def test_main_job_prints_the_table_and_writes_run_stats_and_plot(tmp_path: Path) -> None:
-    proc = _pipeline(tmp_path, "--hits", "5")
+    proc = _pipeline(tmp_path, "--hits", "10")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     table = {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^\| ([^|]+) \| ([0-9.]+) \|",
                                                                           proc.stdout, re.M)}
@@ -38,9 +38,9 @@ def test_main_job_prints_the_table_and_writes_run_stats_and_plot(tmp_path: Path)
     assert 0.3 < cascade <= 1.0 and 0.3 < full <= 1.0
     out = tmp_path / "out"
     run = read_run(out / "scifact-mini-test.matryoshka.txt")
-    assert len(run.queries) == 30 and all(len(hits) == 5 for hits in run.queries.values())
+    assert len(run.queries) == 30 and all(len(hits) == 10 for hits in run.queries.values())
     stats = json.loads((out / "scifact-mini-test.matryoshka.stats.json").read_text())
-    assert stats["candidates"] == 150 and exits[0] <= stats["mean_layers_per_candidate"] <= exits[-1]
+    assert stats["candidates"] == 300 and exits[0] <= stats["mean_layers_per_candidate"] <= exits[-1]
     assert (out / "ndcg_vs_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["first_stage_weight"] == load_manifest(DEFAULT_MODEL).policy.first_stage_weight

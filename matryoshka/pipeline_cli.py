@@ -72,7 +72,7 @@ def compare(args: argparse.Namespace, model: Path, prepared, bm25_path: Path, ou
             policy = make_policy("fixed", None, recorded.exits, 1.0, exit_layer=e)
             final, stage = replay(recorded.exit_scores, recorded.groups, policy, recorded.exits,
                                   recorded.residual_std)
-            path = out / f"fixed-exit-{e}" + (f"-w{w:g}" if w else "") + ".txt"
+            path = out / (f"fixed-exit-{e}" + (f"-w{w:g}" if w else "") + ".txt")
             write_run(path, recorded.to_run(recorded.fused(final, w)), tag=f"matryoshka-exit{e}")
             label = f"full depth (fixed exit {e})" if e == recorded.exits[-1] else f"fixed exit {e}"
             label += f" + BM25 (w={w:g})" if w else ""
