@@ -22,7 +22,7 @@ Outputs are kept in ``--work`` and reused by a rerun (file names carry the setti
 manifest digest, depth); each appears complete or not at all. The table goes to ``--report`` (markdown, with the
 command, the machine and thread counts) and ``--work``/results.json::
 
-    flock /tmp/cpu.lock nice -n 5 .venv/bin/python benchmarks/dense_pipeline.py --work runs/dense-bench
+    python benchmarks/dense_pipeline.py --work runs/dense-bench
 """
 
 from __future__ import annotations
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                      "over the reranked candidates) retriever score: BM25, dense inner product (cosine) or the "
                      "hybrid fused score, so its scale does not matter. Mean layers and relative layer cost from "
                      "`--matryoshka.stats`.")
-    command = "flock /tmp/cpu.lock nice -n 5 " + shlex.join([".venv/bin/python", *sys.argv])
+    command = shlex.join(["python", *sys.argv])
     table = write_report(args, results, notes, command)
     print(f"\n{table}\n\ncommand: {command}\nreport: {args.report}; commands: {pipe.log}")
     return 0
