@@ -20,8 +20,9 @@ from matryoshka.io.atomic import atomic_write
 from matryoshka.pipeline import bm25_search, prepare_beir, trec_eval
 from matryoshka.plugin.cascade import Cascade
 from matryoshka.plugin.fusion import fuse
+from matryoshka.plugin.manifest import load_manifest
 from matryoshka.plugin.policies import make_policy
-from matryoshka.plugin.tuning import record_run, replay, sweep
+from matryoshka.plugin.tuning import record_run, sweep
 
 logger = logging.getLogger("benchmark")
 REPO = Path(__file__).resolve().parent.parent
@@ -110,19 +111,16 @@ def quality(name: str, data: Path, args: argparse.Namespace, out: Path) -> tuple
     weight = default.first_stage_weight
     for w in dict.fromkeys((0.0, weight)):
         for e in exits:
-            policy = make_policy("fixed", None, exits, 1.0, exit_layer=e)
-            final, stage = replay(recorded.exit_scores, recorded.groups, policy, exits, recorded.residual_std)
+            final, stage = recorded.replay(make_policy("fixed", None, exits, 1.0, exit_layer=e), w)
             label = f"(c) fixed exit {e}" + (" = full depth" if e == exits[-1] else "")
             label += f" + first stage (w={w:g})" if w else ""
-            run = recorded.to_run(recorded.fused(final, w))
-            rows.append(Row(label, evaluate(run, prepared.qrels, out, f"{name}-fixed{e}-w{w:g}"),
-                            float(np.asarray(exits)[stage].mean()), float(recorded.cumulative_cost[stage].mean())))
-    policy = make_policy(default.name, default.threshold, exits, default.threshold)
-    final, stage = replay(recorded.exit_scores, recorded.groups, policy, exits, recorded.residual_std)
+            rows.append(Row(label, evaluate(recorded.to_run(final), prepared.qrels, out, f"{name}-fixed{e}-w{w:g}"),
+                            *recorded.layers_and_cost(stage)))
+    final, stage = recorded.replay(make_policy(default.name, default.threshold, exits, default.threshold), weight)
     fusion = f" + first stage (w={weight:g})" if weight else ""
     rows.append(Row(f"(d) cascade {default.name} @ {default.threshold:g}{fusion} (tuned default)",
-                    evaluate(recorded.to_run(recorded.fused(final, weight)), prepared.qrels, out, f"{name}-default"),
-                    float(np.asarray(exits)[stage].mean()), float(recorded.cumulative_cost[stage].mean())))
+                    evaluate(recorded.to_run(final), prepared.qrels, out, f"{name}-default"),
+                    *recorded.layers_and_cost(stage)))
     full, points = sweep(recorded, prepared.dataset.qrels, first_stage_weight=weight)
     curve = {"full": full, "bm25": rows[0].metrics["ndcg_cut_10"], "points": [p.as_dict() for p in points],
              "default": {"ndcg10": rows[-1].metrics["ndcg_cut_10"], "cost": rows[-1].cost},
@@ -134,8 +132,6 @@ def quality(name: str, data: Path, args: argparse.Namespace, out: Path) -> tuple
 
 def check_same_model(model: Path, other: Path) -> None:
     """(b) must be the very model of the cascade: same exits, tokenizer and int8 stage files (or no int8)."""
-    from matryoshka.plugin.manifest import load_manifest
-
     a, b = load_manifest(model, verify=False), load_manifest(other, verify=False)
     same = a.exits == b.exits and a.tokenizer.sha256 == b.tokenizer.sha256
     for precision in set(a.precisions) & set(b.precisions):
@@ -147,8 +143,6 @@ def check_same_model(model: Path, other: Path) -> None:
 
 
 def _precisions(model: Path) -> list[str]:
-    from matryoshka.plugin.manifest import load_manifest
-
     return list(load_manifest(model, verify=False).precisions)
 
 
@@ -162,10 +156,11 @@ def timed(name: str, context: dict, args: argparse.Namespace, out: Path) -> list
                                                  "passages": [texts[d] for d in candidates[q]]} for q in qids}}))
     qrels = out / f"{name}-timing.qrels"
     write_trec_qrels(qrels, {q: prepared.dataset.qrels[q] for q in qids})
-    exits = Cascade(args.model, verify=False).exits
+    manifest = load_manifest(args.model, verify=False)
+    exits = manifest.exits
     full_model = args.full_graph_model or args.model
     check_same_model(args.model, full_model)
-    full_precisions = _precisions(full_model) if Cascade(full_model, verify=False).manifest.full_graph else []
+    full_precisions = _precisions(full_model) if load_manifest(full_model, verify=False).full_graph else []
     configs = (["torch-fp32"] if args.checkpoint else []) + [f"onnx-full-{p}" for p in ("fp32", "int8")
                                                              if p in full_precisions]
     configs += [f"fixed:{e}" for e in exits] + ["default"]
@@ -181,7 +176,7 @@ def timed(name: str, context: dict, args: argparse.Namespace, out: Path) -> list
              f"{args.batch_size}\n",
              "| configuration | nDCG@10 | mean layers | cand/s | ms/query p50 | p95 | peak RSS MiB | x vs (a) | "
              "x vs (b int8) |", "|---|---|---|---|---|---|---|---|---|"]
-    weight = Cascade(args.model, verify=False).manifest.policy.first_stage_weight
+    weight = manifest.policy.first_stage_weight
     if weight:  # the plugin fuses the default cascade's scores with the first stage (negligible time)
         first = context["first_stage"]
         results["default"]["run"] = {q: dict(zip(hits, fuse(list(hits.values()), [first[q][d] for d in hits], weight),

@@ -59,7 +59,7 @@ def compare(args: argparse.Namespace, model: Path, prepared, bm25_path: Path, ou
     from matryoshka.io import read_run, write_run
     from matryoshka.plugin.cascade import Cascade
     from matryoshka.plugin.policies import make_policy
-    from matryoshka.plugin.tuning import record_run, replay, sweep
+    from matryoshka.plugin.tuning import record_run, sweep
 
     run = read_run(bm25_path)
     texts = {e.docid: prepared.dataset.corpus[e.docid].contents for hits in run.queries.values() for e in hits}
@@ -69,15 +69,13 @@ def compare(args: argparse.Namespace, model: Path, prepared, bm25_path: Path, ou
     lines = []
     for w in dict.fromkeys((0.0, weight)):
         for e in recorded.exits:
-            policy = make_policy("fixed", None, recorded.exits, 1.0, exit_layer=e)
-            final, stage = replay(recorded.exit_scores, recorded.groups, policy, recorded.exits,
-                                  recorded.residual_std)
+            final, stage = recorded.replay(make_policy("fixed", None, recorded.exits, 1.0, exit_layer=e), w)
             path = out / (f"fixed-exit-{e}" + (f"-w{w:g}" if w else "") + ".txt")
-            write_run(path, recorded.to_run(recorded.fused(final, w)), tag=f"matryoshka-exit{e}")
+            write_run(path, recorded.to_run(final), tag=f"matryoshka-exit{e}")
             label = f"full depth (fixed exit {e})" if e == recorded.exits[-1] else f"fixed exit {e}"
             label += f" + BM25 (w={w:g})" if w else ""
-            lines.append(row(label, trec_eval(prepared.qrels, path), f"{e:.2f}",
-                             f"{recorded.cumulative_cost[stage].mean():.1%}"))
+            layers, cost = recorded.layers_and_cost(stage)
+            lines.append(row(label, trec_eval(prepared.qrels, path), f"{layers:.2f}", f"{cost:.1%}"))
     full, points = sweep(recorded, prepared.dataset.qrels, first_stage_weight=weight)
     curve = {"full": full, "first_stage_weight": weight, "points": [p.as_dict() for p in points]}
     (out / "sweep.json").write_text(json.dumps(curve, indent=1))

@@ -120,11 +120,6 @@ def ranked_hits(hits: Mapping[str, float] | Sequence[Any]) -> tuple[list[str], l
     return [d for d, _ in ranked], [s for _, s in ranked]
 
 
-def ranked_docids(hits: Mapping[str, float] | Sequence[Any]) -> list[str]:
-    """The candidates of one query in ranked order: (-score, docid) for scored hits, given order for bare ids."""
-    return ranked_hits(hits)[0]
-
-
 class MatryoshkaReranker:
     def __init__(self, model_dir: str | os.PathLike[str] | None = None, policy: str = "candidate",
                  threshold: float | None = None, providers: str | Sequence[str] | None = None,
@@ -134,15 +129,13 @@ class MatryoshkaReranker:
         """``first_stage_weight``: weight in [0, 1] of the z-normalised first-stage score in the final scores of
         :meth:`rerank_run` / :meth:`rerank_query` (and :meth:`rank` with ``first_stage_scores``); None = the
         manifest's ``policy.first_stage_weight`` (0 = no fusion when the manifest has none)."""
-        if first_stage_weight is not None:
-            check_first_stage_weight(first_stage_weight)
+        override = None if first_stage_weight is None else check_first_stage_weight(first_stage_weight)
         self.model_dir = resolve_model_dir(model_dir)
         self.cascade = Cascade(self.model_dir, precision=precision, providers=providers, threads=threads,
                                batch_size=batch_size, verify=verify)
         manifest = self.cascade.manifest
         self.policy = make_policy(policy, threshold, manifest.exits, manifest.policy.threshold, top_k, exit_layer)
-        self.first_stage_weight = (manifest.policy.first_stage_weight if first_stage_weight is None
-                                   else check_first_stage_weight(first_stage_weight))
+        self.first_stage_weight = manifest.policy.first_stage_weight if override is None else override
         self.stats = self._new_stats()
         self.last_result: CascadeResult | None = None
         logger.info("policy %s, first-stage weight %g%s", self.policy.describe(), self.first_stage_weight,

@@ -126,12 +126,21 @@ class Recorded:
             run.setdefault(qid, {})[docid] = float(score)
         return run
 
+    def replay(self, policy: ExitPolicy, first_stage_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """The final scores the cascade gives with ``policy``, fused with the first stage by
+        ``first_stage_weight`` as the runtime does, and each candidate's exit stage."""
+        final, stage = replay(self.exit_scores, self.groups, policy, self.exits, self.residual_std)
+        return self.fused(final, first_stage_weight), stage
+
+    def layers_and_cost(self, stage: np.ndarray) -> tuple[float, float]:
+        """Mean exit layer and mean share of full-depth layer-FLOPs of candidates leaving at ``stage``."""
+        return float(np.asarray(self.exits)[stage].mean()), float(self.cumulative_cost[stage].mean())
+
     def evaluate(self, policy: ExitPolicy, qrels: Mapping[str, Mapping[str, int]], full_ndcg: float,
                  first_stage_weight: float = 0.0) -> SweepPoint:
-        final, stage = replay(self.exit_scores, self.groups, policy, self.exits, self.residual_std)
-        ndcg = ndcg_at_k(self.to_run(self.fused(final, first_stage_weight)), qrels)
-        layers = float(np.asarray(self.exits)[stage].mean())
-        cost = float(self.cumulative_cost[stage].mean())
+        final, stage = self.replay(policy, first_stage_weight)
+        ndcg = ndcg_at_k(self.to_run(final), qrels)
+        layers, cost = self.layers_and_cost(stage)
         return SweepPoint(policy.name, policy.threshold, ndcg, ndcg / full_ndcg if full_ndcg else 0.0, layers, cost,
                           float(first_stage_weight))
 

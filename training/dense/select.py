@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -29,16 +28,13 @@ from pathlib import Path
 
 from matryoshka.errors import MatryoshkaError, MissingInputError, OptionError
 from matryoshka.io import atomic_write
+from matryoshka.metrics import ndcg_of_ranking
 
 logger = logging.getLogger(__name__)
 
 
-def ndcg_at(ranked: Sequence[str], judged: dict[str, int], k: int = 10) -> float:
-    """trec_eval's ``ndcg_cut.k``: gain = grade, discount ``log2(rank + 1)``, ideal from every judged doc > 0."""
-    dcg = sum(judged.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranked[:k]) if judged.get(d, 0) > 0)
-    ideal = sorted((g for g in judged.values() if g > 0), reverse=True)[:k]
-    idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
-    return dcg / idcg if idcg > 0 else 0.0
+#: trec_eval's ``ndcg_cut.k`` of one ranking, shared with the rest of the project
+ndcg_at = ndcg_of_ranking
 
 
 def recall_at(ranked: Sequence[str], judged: dict[str, int], k: int = 100) -> float:
