@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from matryoshka.training.dense.config import TrainingMode
 from matryoshka.training.dense.losses import contrastive_loss
 from matryoshka.training.dense.testing import make_tiny_dense_base, make_tiny_training_set
+from tests._torchrun import torchrun
 
 WORKER = '''
 import json, sys
@@ -41,13 +42,6 @@ json.dump({"loss": loss.item(), "mean": mean.item() / 2, "q_grad": ql.grad.tolis
           open(f"{sys.argv[1]}/rank{rank}.json", "w"))
 dist.destroy_process_group()
 '''
-
-
-def torchrun(*args: object, cwd: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    *map(str, args)], check=True, cwd=cwd, env=env, capture_output=True, text=True,
-                   timeout=900)  # a hung rendezvous must fail the test, not stall CI
 
 
 def test_gathered_loss_and_gradients_equal_the_concatenated_batch(tmp_path: Path) -> None:

@@ -4,36 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from matryoshka.training.tiny import make_tiny_base
+from tests._torchrun import torchrun
 from tests.test_training_loop import make_training_data
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_two_process_gloo_ddp_ends_with_identical_weights(tmp_path: Path) -> None:
     data, teacher = make_training_data(tmp_path, n_queries=8)
     base = make_tiny_base(tmp_path / "base", "bert", num_layers=4, hidden=32, heads=4)
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = str(free_port())
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-    proc = subprocess.run([*launcher, "-m", "matryoshka.training", "--base_model", str(base), "--exits", "2", "4",
-                           "--max_length", "32", "--query_length", "8", "--train_sets", str(data), "--teacher_files",
-                           str(teacher), "--group_size", "4", "--per_device_batch_size", "2", "--num_epochs", "2",
-                           "--phase", "self_distill", "--learning_rate", "1e-3", "--device", "cpu", "--logging_steps",
-                           "1", "--output_dir", str(out)], capture_output=True, text=True, env=env, check=True,
-                          timeout=900)  # a hung rendezvous must fail the test, not stall CI
+    proc = torchrun("-m", "matryoshka.training", "--base_model", base, "--exits", "2", "4", "--max_length", "32",
+                    "--query_length", "8", "--train_sets", data, "--teacher_files", teacher, "--group_size", "4",
+                    "--per_device_batch_size", "2", "--num_epochs", "2", "--phase", "self_distill", "--learning_rate",
+                    "1e-3", "--device", "cpu", "--logging_steps", "1", "--output_dir", out)
     assert "trained 4 steps" in proc.stdout                  # 8 groups per epoch / (2 ranks x 2 groups) x 2 epochs
     summary = json.loads((out / "summary.json").read_text())
     digests = summary["weight_digests"]
