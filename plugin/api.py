@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from matryoshka.errors import MatryoshkaError, MissingInputError, OptionError
+from matryoshka.errors import MatryoshkaError, MissingInputError
 from matryoshka.io.trec import Run, RunEntry, sort_hits
 from matryoshka.plugin.cascade import Cascade, CascadeResult
 from matryoshka.plugin.fusion import FirstStageScoreError, check_first_stage_weight, fuse
 from matryoshka.plugin.manifest import MANIFEST_NAME
-from matryoshka.plugin.policies import DEFAULT_TOP_K, make_policy
+from matryoshka.plugin.policies import DEFAULT_TOP_K, POLICY_DEFAULT_THRESHOLD, check_depth, make_policy
 from matryoshka.plugin.stats import RunStats
 
 logger = logging.getLogger(__name__)
@@ -121,25 +121,38 @@ def ranked_hits(hits: Mapping[str, float] | Sequence[Any]) -> tuple[list[str], l
 
 
 class MatryoshkaReranker:
-    def __init__(self, model_dir: str | os.PathLike[str] | None = None, policy: str = "candidate",
+    def __init__(self, model_dir: str | os.PathLike[str] | None = None, policy: str | None = None,
                  threshold: float | None = None, providers: str | Sequence[str] | None = None,
                  threads: int | None = None, batch_size: int = 32, precision: str | None = None,
                  top_k: int = DEFAULT_TOP_K, exit_layer: int | None = None, verify: bool = True,
-                 first_stage_weight: float | None = None) -> None:
-        """``first_stage_weight``: weight in [0, 1] of the z-normalised first-stage score in the final scores of
+                 first_stage_weight: float | None = None, depth: int | None = None) -> None:
+        """``policy``/``threshold``: None = the manifest's tuned policy and threshold; a policy named without a
+        threshold takes the tuned threshold if it is the tuned policy, else ``POLICY_DEFAULT_THRESHOLD``.
+
+        ``first_stage_weight``: weight in [0, 1] of the z-normalised first-stage score in the final scores of
         :meth:`rerank_run` / :meth:`rerank_query` (and :meth:`rank` with ``first_stage_scores``); None = the
-        manifest's ``policy.first_stage_weight`` (0 = no fusion when the manifest has none)."""
+        manifest's ``policy.first_stage_weight`` (0 = no fusion when the manifest has none).
+
+        ``depth``: :meth:`rerank_run` / :meth:`rerank_query` rerank only each query's top ``depth`` candidates (the
+        rest keep their first-stage order below them); None = the manifest's ``policy.depth`` (all when absent),
+        0 = all candidates whatever the manifest says."""
         override = None if first_stage_weight is None else check_first_stage_weight(first_stage_weight)
+        depth = check_depth(depth)
         self.model_dir = resolve_model_dir(model_dir)
         self.cascade = Cascade(self.model_dir, precision=precision, providers=providers, threads=threads,
                                batch_size=batch_size, verify=verify)
         manifest = self.cascade.manifest
-        self.policy = make_policy(policy, threshold, manifest.exits, manifest.policy.threshold, top_k, exit_layer)
-        self.first_stage_weight = manifest.policy.first_stage_weight if override is None else override
+        tuned = manifest.policy
+        name = tuned.name if policy is None else policy
+        default_threshold = tuned.threshold if name == tuned.name else POLICY_DEFAULT_THRESHOLD
+        self.policy = make_policy(name, threshold, manifest.exits, default_threshold, top_k, exit_layer)
+        self.first_stage_weight = tuned.first_stage_weight if override is None else override
+        #: candidates reranked per query by rerank_run / rerank_query (None = all)
+        self.depth = tuned.depth if depth is None else (depth or None)
         self.stats = self._new_stats()
         self.last_result: CascadeResult | None = None
-        logger.info("policy %s, first-stage weight %g%s", self.policy.describe(), self.first_stage_weight,
-                    " (from the manifest)" if first_stage_weight is None else "")
+        logger.info("policy %s, first-stage weight %g%s, depth %s", self.policy.describe(), self.first_stage_weight,
+                    " (from the manifest)" if first_stage_weight is None else "", self.depth or "all")
 
     @property
     def exits(self) -> tuple[int, ...]:
@@ -216,10 +229,15 @@ class MatryoshkaReranker:
 
     def rerank_query(self, query: str, docids: Sequence[str], texts: Sequence[str], depth: int | None = None,
                      first_stage_scores: Sequence[float] | None = None) -> dict[str, float]:
-        """Rerank one query's ranked candidates; those below ``depth`` keep their order under the reranked ones
-        (their scores become ``min(reranked) - 1 - i``). ``first_stage_scores`` (parallel to ``docids``) are
-        fused into the reranked candidates' scores by ``first_stage_weight``; they are required when it is > 0."""
-        return self._rerank_query(query, docids, texts, depth, first_stage_scores, None)
+        """Rerank one query's ranked candidates; those below ``depth`` (None = the reranker's ``depth``, 0 = all)
+        keep their order under the reranked ones (their scores become ``min(reranked) - 1 - i``); ``texts`` may
+        stop at the depth. ``first_stage_scores`` (parallel to ``docids``) are fused into the reranked candidates'
+        scores by ``first_stage_weight``; they are required when it is > 0."""
+        return self._rerank_query(query, docids, texts, self._depth(depth), first_stage_scores, None)
+
+    def _depth(self, depth: int | None) -> int | None:
+        value = check_depth(depth)
+        return self.depth if value is None else (value or None)
 
     def _rerank_query(self, query: str, docids: Sequence[str], texts: Sequence[str], depth: int | None,
                       first_stage_scores: Sequence[float] | None, qid: str | None) -> dict[str, float]:
@@ -242,6 +260,7 @@ class MatryoshkaReranker:
                 scores = fuse(scores, list(first_stage_scores[: len(head)]), w, docids=head,
                               qids=None if qid is None else [qid] * len(head))
             out = {d: float(s) for d, s in zip(head, scores, strict=True)}
+        self.stats.below_depth += len(tail)
         floor = min(out.values()) if out else 0.0
         for i, docid in enumerate(tail):
             out[docid] = floor - 1.0 - i
@@ -251,11 +270,11 @@ class MatryoshkaReranker:
                    depth: int | None = None, progress: bool = False) -> dict[str, dict[str, float]]:
         """Rerank every query of a run (``Run``, ``{qid: {docid: score}}`` or ``{qid: [docid, ...]}`` in ranked
         order) and return ``{qid: {docid: score}}`` in the run's query order. Only the top ``depth`` candidates of
-        each query are scored (all when None); the text of those is fetched with ``doc_text_lookup``. The run's
+        each query are scored (None = the reranker's ``depth``, 0 = all); the text of those is fetched with
+        ``doc_text_lookup``. The run's
         scores are the first-stage scores fused by ``first_stage_weight`` (bare docid lists have none: they need
         ``first_stage_weight=0``)."""
-        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
-            raise OptionError("depth", depth, "an integer >= 1")
+        depth = self._depth(depth)
         queries = run.queries if isinstance(run, Run) else run
         lookup, source = lookup_function(doc_text_lookup)
         missing = [qid for qid in queries if qid not in topics]

@@ -162,10 +162,15 @@ def manifest_from_dict(data: Any, source: PathLike = MANIFEST_NAME) -> Manifest:
             raise r.fail("full_graph.outputs", f"expected an output 'score', got {list(full_graph.outputs)}")
     calibration = _calibration(r, r.obj(r.get(data, "calibration", "", dict), "calibration"), exits)
     p = r.obj(r.get(data, "policy", "", dict), "policy")
-    # first_stage_weight is optional (absent or null = 0.0, no fusion): manifests written before it stay valid
+    # first_stage_weight and depth are optional (absent or null = 0.0, no fusion / every candidate): manifests
+    # written before them stay valid
     policy = PolicySpec(r.get(p, "name", "policy", str), float(r.get(p, "threshold", "policy", (int, float))),
                         p.get("tuned_on"),
-                        float(r.get(p, "first_stage_weight", "policy", (int, float), optional=True, default=0.0)))
+                        float(r.get(p, "first_stage_weight", "policy", (int, float), optional=True, default=0.0)),
+                        r.get(p, "depth", "policy", int, optional=True, default=None))
+    if policy.depth is not None and policy.depth < 1:
+        raise r.fail("policy.depth", f"expected an integer >= 1 (candidates reranked per query) or no field "
+                     f"(every candidate), got {policy.depth!r}")
     if policy.name not in POLICY_NAMES:
         raise r.fail("policy.name", f"expected one of {', '.join(POLICY_NAMES)}, got {policy.name!r}")
     if not 0.0 <= policy.threshold <= 1.0:

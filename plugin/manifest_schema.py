@@ -121,20 +121,25 @@ class Calibration:
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """The runtime defaults: exit policy and threshold, and the weight of the first-stage score in the final score
-    (``first_stage_weight``, optional in the JSON: absent = 0.0 = no fusion; see :mod:`matryoshka.plugin.fusion`)."""
+    """The runtime defaults: exit policy and threshold, the weight of the first-stage score in the final score
+    (``first_stage_weight``, optional in the JSON: absent = 0.0 = no fusion; see :mod:`matryoshka.plugin.fusion`),
+    and the rerank depth (``depth``, optional: absent = every candidate; else only each query's top ``depth``
+    first-stage candidates are scored, the rest keep their order below them)."""
 
     name: str = "candidate"
     threshold: float = 0.95
     tuned_on: Any = None
     first_stage_weight: float = 0.0
+    depth: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object; ``first_stage_weight`` only when it is not 0, so manifests without fusion are written
-        exactly as before the field existed (and stay readable by older plugins, which ignore it otherwise)."""
+        """The JSON object; ``first_stage_weight`` only when it is not 0 and ``depth`` only when set, so manifests
+        without them are written exactly as before the fields existed (older plugins ignore unknown fields)."""
         data: dict[str, Any] = {"name": self.name, "threshold": self.threshold, "tuned_on": self.tuned_on}
         if self.first_stage_weight != 0.0:
             data["first_stage_weight"] = self.first_stage_weight
+        if self.depth is not None:
+            data["depth"] = self.depth
         return data
 
 

@@ -15,7 +15,7 @@ from matryoshka.plugin.api import MatryoshkaReranker, MissingDocumentError
 from matryoshka.plugin.docs import CorpusDocs, DocumentSource, LuceneIndexDocs
 from matryoshka.plugin.fusion import check_first_stage_weight
 from matryoshka.plugin.manifest import POLICY_NAMES
-from matryoshka.plugin.policies import DEFAULT_TOP_K, check_threshold
+from matryoshka.plugin.policies import DEFAULT_TOP_K, POLICY_DEFAULT_THRESHOLD, check_depth, check_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -27,18 +27,20 @@ def add_model_options(group: argparse._ActionGroup | argparse.ArgumentParser, pr
 
     opt("model", metavar="DIR", default=None,
         help="exported model folder (manifest.json + ONNX stages); default: the bundled default model")
-    opt("policy", choices=POLICY_NAMES, default="candidate",
+    opt("policy", choices=POLICY_NAMES, default=None,
         help="early-exit policy: candidate (confidence max(sigmoid(s), 1-sigmoid(s)) > threshold), query (softmax "
              "over the query's candidates, max > threshold), topk (stop candidates that cannot reach the top K), "
-             f"fixed (every candidate exits at --{prefix}exit-layer); default: candidate")
+             f"fixed (every candidate exits at --{prefix}exit-layer); default: the model's tuned policy")
     opt("threshold", type=float, metavar="T", default=None,
-        help="exit threshold in [0, 1]; 1.0 never exits early (= full depth); default: the model's tuned value")
+        help="exit threshold in [0, 1]; 1.0 never exits early (= full depth); default: the model's tuned value "
+             f"(for another policy than the tuned one: {POLICY_DEFAULT_THRESHOLD})")
     opt("first-stage-weight", type=float, metavar="W", default=None,
         help="interpolate with the first stage: final = (1-W) * z(reranker) + W * z(first-stage score), "
              "z-normalised per query; W in [0, 1], 0 = reranker scores only; default: the model's tuned value "
              "(manifest policy.first_stage_weight, 0 if absent)")
     opt("depth", type=int, metavar="N", default=None,
-        help="rerank only the top N candidates of each query; the rest keep their order below (default: all)")
+        help="rerank only the top N candidates of each query; the rest keep their order below; 0 = all "
+             "(default: the model's tuned depth, manifest policy.depth; all when it has none)")
     opt("top-k", type=int, metavar="K", default=DEFAULT_TOP_K, help="K of the topk policy (default: %(default)s)")
     opt("exit-layer", type=int, metavar="L", default=None,
         help="exit layer of the fixed policy (one of the model's exits; default: the last = full depth)")
@@ -59,7 +61,8 @@ def build_reranker(ns: argparse.Namespace, prefix: str = "") -> MatryoshkaRerank
         check_threshold(ns.threshold, option=f"--{prefix}threshold")
     if ns.first_stage_weight is not None:
         check_first_stage_weight(ns.first_stage_weight, option=f"--{prefix}first-stage-weight")
-    for name, minimum in (("depth", 1), ("batch_size", 1), ("threads", 0), ("top_k", 1)):
+    check_depth(ns.depth, option=f"--{prefix}depth")
+    for name, minimum in (("batch_size", 1), ("threads", 0), ("top_k", 1)):
         value = getattr(ns, name)
         if value is not None and value < minimum:
             raise OptionError(f"--{prefix}{name.replace('_', '-')}", value, f"an integer >= {minimum}")
@@ -70,7 +73,7 @@ def build_reranker(ns: argparse.Namespace, prefix: str = "") -> MatryoshkaRerank
         return MatryoshkaReranker(ns.model, policy=ns.policy, threshold=ns.threshold, providers=ns.providers,
                                   threads=ns.threads, batch_size=ns.batch_size, precision=ns.precision,
                                   top_k=ns.top_k, exit_layer=ns.exit_layer,
-                                  first_stage_weight=ns.first_stage_weight)
+                                  first_stage_weight=ns.first_stage_weight, depth=ns.depth)
     except OptionError as err:
         if err.option in ("exit_layer", "precision", "providers"):
             raise OptionError(f"--{prefix}{err.option.replace('_', '-')}", err.value,

@@ -38,6 +38,9 @@ from matryoshka.plugin.manifest_schema import POLICY_NAMES
 
 logger = logging.getLogger(__name__)
 DEFAULT_TOP_K = 10
+#: threshold of a policy asked for by name, without a threshold, when it is not the model's tuned policy (the tuned
+#: threshold belongs to the tuned policy only: the same number means different things to different policies)
+POLICY_DEFAULT_THRESHOLD = 0.95
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,15 @@ def check_threshold(threshold: object, option: str = "threshold") -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 <= float(threshold) <= 1.0:
         raise OptionError(option, threshold, "a number in [0, 1] (1.0 = never exit early)")
     return float(threshold)
+
+
+def check_depth(depth: object, option: str = "depth") -> int | None:
+    """A rerank depth: None (not given), 0 (all candidates) or a positive number of candidates per query."""
+    if depth is None:
+        return None
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise OptionError(option, depth, "an integer >= 1 (candidates reranked per query), or 0 for all of them")
+    return depth
 
 
 def make_policy(name: str, threshold: float | None, exits: Sequence[int], default_threshold: float,

@@ -22,7 +22,9 @@ class RunStats:
 
     ``relative_layer_cost`` is the mean, over candidates, of the fraction of the full model's cost spent on them
     (the stages' ``relative_cost`` from the manifest, summed up to the exit stage): 1.0 = every candidate ran every
-    stage. ``mean_layers_per_candidate`` counts transformer layers (the exit layer reached).
+    stage. ``mean_layers_per_candidate`` counts transformer layers (the exit layer reached). Candidates left below a
+    rerank depth (``below_depth``) count as candidates that cost nothing (0 layers), so both figures stay relative
+    to reranking every candidate of the run at full depth.
     """
 
     exits: Sequence[int]
@@ -32,6 +34,8 @@ class RunStats:
     query_seconds: list[float] = field(default_factory=list)
     candidates: int = 0
     truncated: int = 0
+    #: candidates kept in first-stage order below the rerank depth (never scored)
+    below_depth: int = 0
     #: weight of the z-normalised first-stage score in the final scores (0 = no fusion)
     first_stage_weight: float = 0.0
 
@@ -54,7 +58,7 @@ class RunStats:
         return len(self.query_seconds)
 
     def to_dict(self) -> dict[str, Any]:
-        n = self.candidates
+        n = self.candidates + self.below_depth
         total = float(sum(self.query_seconds))
         times_ms = np.asarray(self.query_seconds, dtype=np.float64) * 1000.0
         layers = np.asarray(self.exits, dtype=np.float64)
@@ -63,11 +67,13 @@ class RunStats:
             "first_stage_weight": self.first_stage_weight,
             "queries": self.queries,
             "candidates": n,
+            "reranked_candidates": self.candidates,
+            "candidates_below_depth": self.below_depth,
             "exits": list(self.exits),
             "exit_histogram": {str(e): int(c) for e, c in zip(self.exits, self.exit_counts, strict=True)},
             "mean_layers_per_candidate": float(self.exit_counts @ layers / n) if n else 0.0,
             "relative_layer_cost": float(self.exit_counts @ np.asarray(self.cumulative_cost) / n) if n else 0.0,
-            "candidates_per_second": n / total if total > 0 else 0.0,
+            "candidates_per_second": self.candidates / total if total > 0 else 0.0,
             "ms_per_query_p50": float(np.percentile(times_ms, 50)) if times_ms.size else 0.0,
             "ms_per_query_p95": float(np.percentile(times_ms, 95)) if times_ms.size else 0.0,
             "seconds_total": total,
@@ -78,7 +84,9 @@ class RunStats:
         d = self.to_dict()
         hist = ", ".join(f"L{e}: {c}" for e, c in d["exit_histogram"].items())
         return (f"matryoshka [{d['policy']}, first-stage weight {d['first_stage_weight']:g}]: {d['queries']} "
-                f"queries, {d['candidates']} candidates; mean layers/candidate {d['mean_layers_per_candidate']:.2f} "
+                f"queries, {d['candidates']} candidates" + (f" ({d['candidates_below_depth']} below the rerank depth, "
+                                                             "not scored)" if d["candidates_below_depth"] else "")
+                + f"; mean layers/candidate {d['mean_layers_per_candidate']:.2f} "
                 f"of {self.exits[-1]}; relative layer cost {d['relative_layer_cost']:.3f}; exits {{{hist}}}; "
                 f"{d['candidates_per_second']:.1f} candidates/s; ms/query p50 {d['ms_per_query_p50']:.1f} p95 "
                 f"{d['ms_per_query_p95']:.1f}; {d['passages_truncated']} passages truncated")

@@ -3,11 +3,12 @@
 BM25 top-``hits`` of the dev queries (Pyserini), one full-depth pass recording every exit's score (the BM25 scores
 are kept), then the first-stage weight W among ``--first-stage-weights`` (default 0 0.1 ... 0.7) whose
 fused full-depth nDCG@10, ``(1-W) * z(reranker) + W * z(BM25)`` per query, is best, an offline replay of every
-(policy, threshold) of the sweep with the same fusion, then the cheapest point whose nDCG@10 is within
-``--max-loss`` of that fused full depth (default 1%), or the best point within ``--cost`` (share of full-depth
-layer-FLOPs). The choice is written into the model's ``manifest.json`` (``policy``: name, threshold,
-first_stage_weight, and what it was tuned on) unless ``--dry-run``. ``--first-stage-weights 0`` tunes the plain
-reranker (no fusion).
+(policy, threshold, rerank depth) of the sweep with the same fusion, then the cheapest point whose nDCG@10 is
+within ``--max-loss`` of that fused full depth (default 1%), or the best point within ``--cost`` (share of
+full-depth layer-FLOPs of scoring every candidate). The rerank depth d scores only each query's top d BM25
+candidates (``--depths``, default all 80 60 50 40 30 20; ``--depths all`` = every candidate). The choice is written
+into the model's ``manifest.json`` (``policy``: name, threshold, first_stage_weight, depth, and what it was tuned
+on) unless ``--dry-run``. ``--first-stage-weights 0`` tunes the plain reranker (no fusion).
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ from matryoshka.plugin.tuning import (
     DEFAULT_FIRST_STAGE_WEIGHTS,
     Recorded,
     SweepPoint,
+    check_depths,
     check_weights,
     record_run,
     tune,
 )
 
 logger = logging.getLogger(__name__)
+#: rerank depths the command chooses from by default (None = every candidate)
+TUNE_DEPTHS: tuple[int | None, ...] = (None, 80, 60, 50, 40, 30, 20)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weights of the z-normalised BM25 score in the final score to choose from (best "
                              "full-depth nDCG@10 wins; space- or comma-separated, each in [0, 1]; 0 alone = no "
                              f"fusion; default: {' '.join(f'{w:g}' for w in DEFAULT_FIRST_STAGE_WEIGHTS)})")
+    parser.add_argument("--depths", type=_depth, nargs="+", metavar="D", default=list(TUNE_DEPTHS),
+                        help="rerank depths to choose from: 'all' or a number of candidates per query (default: "
+                             f"{' '.join('all' if d is None else str(d) for d in TUNE_DEPTHS)})")
     parser.add_argument("--precision", default=None, help="stage files to tune with (default: the manifest's)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -70,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "split, hits and query sample are the same (re-tune another budget in seconds)")
     parser.add_argument("--dry-run", action="store_true", help="print the choice, leave the manifest unchanged")
     return parser
+
+
+def _depth(text: str) -> int | None:
+    """One ``--depths`` value: ``all`` or a positive integer."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'all' or an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'all' or an integer >= 1")
+    return value
 
 
 def _weights(text: str) -> list[float]:
@@ -133,11 +153,11 @@ def save_cached(path: Path, key: str, recorded: Recorded) -> None:
 
 
 def write_choice(model_dir: str | Path, best: SweepPoint, first_stage_weight: float, tuned_on: dict) -> Path:
-    """Store the chosen policy, threshold and first-stage weight in ``model_dir/manifest.json`` (atomically; the
-    manifest is re-checked before it is written, the model's files are untouched)."""
+    """Store the chosen policy, threshold, rerank depth and first-stage weight in ``model_dir/manifest.json``
+    (atomically; the manifest is re-checked before it is written, the model's files are untouched)."""
     manifest = load_manifest(model_dir, verify=False)
     policy = PolicySpec(name=best.policy, threshold=best.threshold, tuned_on=tuned_on,
-                        first_stage_weight=float(first_stage_weight))
+                        first_stage_weight=float(first_stage_weight), depth=best.depth)
     return write_manifest(model_dir, dataclasses.replace(manifest, policy=policy))
 
 
@@ -171,7 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             recorded = record_run(cascade, candidates, prepared.dataset.queries, texts)
             if args.cache:
                 save_cached(args.cache, key, recorded)
-        result = tune(recorded, qrels, weights, max_loss=max_loss, cost_target=args.cost)
+        # a depth >= --hits scores every candidate: the same point as 'all'
+        depths = check_depths([d if d is None or d < args.hits else None for d in args.depths])
+        result = tune(recorded, qrels, weights, max_loss=max_loss, cost_target=args.cost, depths=depths)
     except MatryoshkaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -180,25 +202,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     for w, ndcg in result.full_ndcg_by_weight.items():
         print(f"| {w:g} | {ndcg:.4f}{' **chosen**' if w == weight else ''} |")
     print(f"\nfull depth nDCG@10 on {args.data.name} {args.split} (first-stage weight {weight:g}): {full:.4f}\n")
-    print("| policy | threshold | nDCG@10 | relative | mean layers | cost |\n|---|---|---|---|---|---|")
+    print("| policy | threshold | depth | nDCG@10 | relative | mean layers | cost |\n|---|---|---|---|---|---|---|")
     for p in points:
         mark = " **chosen**" if p == best else ""
-        print(f"| {p.policy} | {p.threshold:g} | {p.ndcg10:.4f} | {p.relative_ndcg:.3f} | {p.mean_layers:.2f} | "
-              f"{p.relative_cost:.3f}{mark} |")
+        print(f"| {p.policy} | {p.threshold:g} | {p.depth or 'all'} | {p.ndcg10:.4f} | {p.relative_ndcg:.3f} | "
+              f"{p.mean_layers:.2f} | {p.relative_cost:.3f}{mark} |")
     if args.sweep_output:
-        args.sweep_output.write_text(json.dumps({
-            "full_ndcg10": full, "first_stage_weight": weight,
-            "full_ndcg10_by_first_stage_weight": {f"{w:g}": v for w, v in result.full_ndcg_by_weight.items()},
-            "points": [p.as_dict() for p in points]}, indent=1))
+        with atomic_write(args.sweep_output) as handle:
+            json.dump({"full_ndcg10": full, "first_stage_weight": weight,
+                       "full_ndcg10_by_first_stage_weight": {f"{w:g}": v for w, v in
+                                                             result.full_ndcg_by_weight.items()},
+                       "points": [p.as_dict() for p in points]}, handle, indent=1)
     budget = f"max_loss={max_loss}" if max_loss is not None else f"cost={args.cost}"
-    print(f"\nchosen: policy={best.policy} threshold={best.threshold:g} first_stage_weight={weight:g} (nDCG@10 "
+    print(f"\nchosen: policy={best.policy} threshold={best.threshold:g} depth={best.depth or 'all'} "
+          f"first_stage_weight={weight:g} (nDCG@10 "
           f"{best.ndcg10:.4f}, {best.relative_ndcg:.1%} of full depth, {best.relative_cost:.1%} of its "
           f"layer-FLOPs; {budget})")
     if not args.dry_run:
         tuned_on = {"data": args.data.name, "split": args.split, "hits": args.hits, "budget": budget,
                     "queries": len(candidates), "seed": args.seed,
                     "precision": cascade.precision, "ndcg10": round(best.ndcg10, 4),
-                    "full_ndcg10": round(full, 4), "relative_cost": round(best.relative_cost, 4)}
+                    "full_ndcg10": round(full, 4), "relative_cost": round(best.relative_cost, 4),
+                    "depths": ["all" if d is None else d for d in depths]}
         if weights != (0.0,):
             tuned_on["first_stage_weights"] = list(weights)
             tuned_on["full_ndcg10_unfused"] = round(recorded.full_depth_ndcg(qrels), 4)

@@ -13,6 +13,11 @@ Interpolation with the first stage (:mod:`matryoshka.plugin.fusion`): the record
 after fusion, and :func:`sweep` replays every policy/threshold with the same fusion applied to the replayed final
 scores (exactly as the runtime fuses the cascade's scores), measured against that fused full-depth reference.
 :func:`tune` does the three steps. A weight list of ``(0,)`` is the plain reranker.
+
+Rerank depth: with ``depth`` d, only each query's top d first-stage candidates are scored (and fused, among
+themselves), the others keep their first-stage order below them at no cost, as :meth:`MatryoshkaReranker.rerank_run`
+does. The sweep crosses every policy/threshold with every depth of ``depths`` (``None`` = all candidates); costs
+and layers stay relative to scoring every candidate at full depth, so a shallower depth is a cheaper point.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ DEFAULT_THRESHOLDS: dict[str, tuple[float, ...]] = {
     "topk": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999),
 }
 DEFAULT_FIRST_STAGE_WEIGHTS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+#: rerank depths swept by default (None = every candidate)
+DEFAULT_DEPTHS: tuple[int | None, ...] = (None,)
 
 
 class _Recorder(ExitPolicy):
@@ -93,6 +100,8 @@ class SweepPoint:
     mean_layers: float
     relative_cost: float
     first_stage_weight: float = 0.0
+    #: candidates scored per query (None = all)
+    depth: int | None = None
 
     def as_dict(self) -> dict[str, float | str]:
         return asdict(self)
@@ -126,23 +135,63 @@ class Recorded:
             run.setdefault(qid, {})[docid] = float(score)
         return run
 
-    def replay(self, policy: ExitPolicy, first_stage_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    def first_stage_rank(self) -> np.ndarray:
+        """Each candidate's 0-based rank in its query's first-stage order: by (-score, docid) as the reranker ranks
+        a scored run, else in the recorded order."""
+        rank = np.empty(len(self.docids), dtype=np.int64)
+        for g in np.unique(self.groups):
+            rows = np.flatnonzero(self.groups == g)
+            if self.first_stage is not None:
+                rows = rows[sorted(range(rows.size), key=lambda i: (-self.first_stage[rows[i]], self.docids[rows[i]]))]
+            rank[rows] = np.arange(rows.size)
+        return rank
+
+    def replay(self, policy: ExitPolicy, first_stage_weight: float = 0.0, depth: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         """The final scores the cascade gives with ``policy``, fused with the first stage by
-        ``first_stage_weight`` as the runtime does, and each candidate's exit stage."""
-        final, stage = replay(self.exit_scores, self.groups, policy, self.exits, self.residual_std)
-        return self.fused(final, first_stage_weight), stage
+        ``first_stage_weight`` as the runtime does, and each candidate's exit stage. With ``depth``, only each
+        query's top ``depth`` first-stage candidates are scored; the others get stage -1 and scores below the
+        scored ones in first-stage order (``min - 1 - i``), as :meth:`MatryoshkaReranker.rerank_run` gives."""
+        if depth is None:
+            final, stage = replay(self.exit_scores, self.groups, policy, self.exits, self.residual_std)
+            return self.fused(final, first_stage_weight), stage
+        rank = self.first_stage_rank()
+        head = np.flatnonzero(rank < depth)
+        final = np.full(len(self.docids), np.nan)
+        stage = np.full(len(self.docids), -1, dtype=np.int64)
+        head_final, stage[head] = replay(self.exit_scores[head], self.groups[head], policy, self.exits,
+                                         self.residual_std)
+        w = check_first_stage_weight(first_stage_weight)
+        first = None if self.first_stage is None or w == 0 else self.first_stage[head]
+        if w > 0 and first is None:
+            raise FirstStageScoreError(f"first_stage_weight={w:g} needs first-stage scores, but the recorded run "
+                                       "has bare document ids (record a run with scores)")
+        final[head] = fuse(head_final, first, w, self.groups[head], qids=[self.qids[i] for i in head],
+                           docids=[self.docids[i] for i in head])
+        for g in np.unique(self.groups):
+            rows = np.flatnonzero(self.groups == g)
+            tail = rows[rank[rows] >= depth]
+            if tail.size:
+                scored = final[rows[rank[rows] < depth]]
+                floor = scored.min() if scored.size else 0.0
+                final[tail] = floor - 1.0 - (rank[tail] - depth)
+        return final, stage
 
     def layers_and_cost(self, stage: np.ndarray) -> tuple[float, float]:
-        """Mean exit layer and mean share of full-depth layer-FLOPs of candidates leaving at ``stage``."""
-        return float(np.asarray(self.exits)[stage].mean()), float(self.cumulative_cost[stage].mean())
+        """Mean exit layer and mean share of full-depth layer-FLOPs of candidates leaving at ``stage`` (-1: never
+        scored, below the rerank depth: 0 layers, no cost)."""
+        scored = stage >= 0
+        layers = np.where(scored, np.asarray(self.exits)[np.maximum(stage, 0)], 0)
+        cost = np.where(scored, self.cumulative_cost[np.maximum(stage, 0)], 0.0)
+        return float(layers.mean()), float(cost.mean())
 
     def evaluate(self, policy: ExitPolicy, qrels: Mapping[str, Mapping[str, int]], full_ndcg: float,
-                 first_stage_weight: float = 0.0) -> SweepPoint:
-        final, stage = self.replay(policy, first_stage_weight)
+                 first_stage_weight: float = 0.0, depth: int | None = None) -> SweepPoint:
+        final, stage = self.replay(policy, first_stage_weight, depth)
         ndcg = ndcg_at_k(self.to_run(final), qrels)
         layers, cost = self.layers_and_cost(stage)
         return SweepPoint(policy.name, policy.threshold, ndcg, ndcg / full_ndcg if full_ndcg else 0.0, layers, cost,
-                          float(first_stage_weight))
+                          float(first_stage_weight), depth)
 
     def full_depth_ndcg(self, qrels: Mapping[str, Mapping[str, int]], first_stage_weight: float = 0.0) -> float:
         """nDCG@10 of the full-depth scores, fused with the first stage by ``first_stage_weight``."""
@@ -183,18 +232,32 @@ def record_run(cascade: Cascade, run: Mapping[str, Sequence[Any] | Mapping[str, 
 
 
 def sweep(recorded: Recorded, qrels: Mapping[str, Mapping[str, int]],
-          thresholds: Mapping[str, Sequence[float]] = DEFAULT_THRESHOLDS, first_stage_weight: float = 0.0
-          ) -> tuple[float, list[SweepPoint]]:
-    """nDCG@10 and cost of every fixed exit and every (policy, threshold), each replay's final scores fused with
-    the first stage by ``first_stage_weight``; returns (fused full-depth nDCG@10, points)."""
+          thresholds: Mapping[str, Sequence[float]] = DEFAULT_THRESHOLDS, first_stage_weight: float = 0.0,
+          depths: Sequence[int | None] = DEFAULT_DEPTHS) -> tuple[float, list[SweepPoint]]:
+    """nDCG@10 and cost of every fixed exit (all candidates) and every (policy, threshold, depth), each replay's
+    final scores fused with the first stage by ``first_stage_weight``; returns (fused full-depth nDCG@10, points)."""
     w = check_first_stage_weight(first_stage_weight)
+    depths = check_depths(depths)
     full = recorded.full_depth_ndcg(qrels, w)
     points = [recorded.evaluate(make_policy("fixed", None, recorded.exits, 1.0, exit_layer=e), qrels, full, w)
               for e in recorded.exits]
-    for name, values in thresholds.items():
-        for threshold in values:
-            points.append(recorded.evaluate(make_policy(name, threshold, recorded.exits, 1.0), qrels, full, w))
+    for depth in depths:
+        for name, values in thresholds.items():
+            for threshold in values:
+                points.append(recorded.evaluate(make_policy(name, threshold, recorded.exits, 1.0), qrels, full, w,
+                                                depth))
     return full, points
+
+
+def check_depths(depths: Sequence[int | None], option: str = "--depths") -> tuple[int | None, ...]:
+    """Rerank depths to sweep: each None (all candidates) or an integer >= 1; at least one; duplicates dropped."""
+    values = tuple(dict.fromkeys(depths))
+    if not values:
+        raise OptionError(option, list(depths), "at least one depth (all, or an integer >= 1)")
+    for depth in values:
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+            raise OptionError(option, depth, "all, or an integer >= 1 (candidates reranked per query)")
+    return values
 
 
 def check_weights(weights: Sequence[float], option: str = "--first-stage-weights") -> tuple[float, ...]:
@@ -232,11 +295,11 @@ class TuneResult:
 def tune(recorded: Recorded, qrels: Mapping[str, Mapping[str, int]],
          weights: Sequence[float] = DEFAULT_FIRST_STAGE_WEIGHTS,
          thresholds: Mapping[str, Sequence[float]] = DEFAULT_THRESHOLDS, max_loss: float | None = 0.01,
-         cost_target: float | None = None) -> TuneResult:
+         cost_target: float | None = None, depths: Sequence[int | None] = DEFAULT_DEPTHS) -> TuneResult:
     """:func:`choose_weight` (best fused full depth), then :func:`sweep` with that weight and :func:`choose` the
     cheapest point within ``max_loss`` of the fused full-depth nDCG@10 (or the best within ``cost_target``)."""
     weight, by_weight = choose_weight(recorded, qrels, weights)
-    full, points = sweep(recorded, qrels, thresholds, first_stage_weight=weight)
+    full, points = sweep(recorded, qrels, thresholds, first_stage_weight=weight, depths=depths)
     best = choose(points, max_loss=max_loss, cost_target=cost_target)
     return TuneResult(weight, by_weight, full, points, best)
 

@@ -54,6 +54,55 @@ def test_default_threshold_comes_from_the_manifest(model_dir: Path) -> None:
     assert MatryoshkaReranker(model_dir, threshold=0.5).policy.threshold == 0.5
 
 
+def with_policy(model_dir: Path, folder: Path, **fields: object) -> Path:
+    """A copy of ``model_dir`` whose manifest policy has ``fields`` replaced."""
+    import dataclasses
+    import shutil
+
+    from matryoshka.plugin.manifest import load_manifest, write_manifest
+
+    shutil.copytree(model_dir, folder)
+    manifest = load_manifest(folder)
+    write_manifest(folder, dataclasses.replace(manifest, policy=dataclasses.replace(manifest.policy, **fields)))
+    return folder
+
+
+def test_the_manifest_policy_name_is_the_default_and_its_threshold_is_only_its_own(model_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    from matryoshka.plugin.policies import POLICY_DEFAULT_THRESHOLD, QueryPolicy, TopKPolicy
+
+    tuned = with_policy(model_dir, tmp_path / "topk", name="topk", threshold=0.7)
+    default = MatryoshkaReranker(tuned)
+    assert isinstance(default.policy, TopKPolicy) and default.policy.threshold == 0.7
+    assert MatryoshkaReranker(tuned, policy="topk").policy.threshold == 0.7
+    other = MatryoshkaReranker(tuned, policy="query")  # 0.7 was tuned for topk: not reused for another policy
+    assert isinstance(other.policy, QueryPolicy) and other.policy.threshold == POLICY_DEFAULT_THRESHOLD
+    assert MatryoshkaReranker(tuned, policy="query", threshold=0.3).policy.threshold == 0.3
+
+
+def test_the_manifest_depth_is_the_default_and_zero_reranks_all(model_dir: Path, corpus: dict[str, str],
+                                                                tmp_path: Path) -> None:
+    deep = with_policy(model_dir, tmp_path / "depth", depth=3)
+    ids = list(corpus)[:8]
+    run, topics = {"q1": {d: 8.0 - i for i, d in enumerate(ids)}}, {"q1": "insulin"}
+    reranker = MatryoshkaReranker(deep, policy="fixed", batch_size=4, threads=1)
+    assert reranker.depth == 3
+    out = reranker.rerank_run(run, topics, corpus)["q1"]
+    ranked = sorted(out, key=lambda d: (-out[d], d))
+    assert set(ranked[:3]) == set(ids[:3]) and ranked[3:] == ids[3:]
+    stats = reranker.stats.to_dict()
+    assert (stats["candidates"], stats["reranked_candidates"], stats["candidates_below_depth"]) == (8, 3, 5)
+    assert stats["mean_layers_per_candidate"] == pytest.approx(6 * 3 / 8)  # unscored candidates cost nothing
+    assert stats["relative_layer_cost"] == pytest.approx(3 / 8)
+    assert "(5 below the rerank depth, not scored)" in reranker.stats.summary()
+    everything = MatryoshkaReranker(deep, policy="fixed", batch_size=4, threads=1, depth=0)
+    assert everything.depth is None
+    assert everything.rerank_run(run, topics, corpus) == MatryoshkaReranker(
+        model_dir, policy="fixed", batch_size=4, threads=1).rerank_run(run, topics, corpus)
+    assert reranker.rerank_run(run, topics, corpus, depth=0) == everything.rerank_run(run, topics, corpus)
+    assert reranker.rerank_run(run, topics, corpus, depth=5)["q1"].keys() == out.keys()
+
+
 def test_no_default_model_installed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(api, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
     with pytest.raises(MissingInputError, match="no default model is installed.*--matryoshka.model DIR"):
@@ -93,8 +142,11 @@ def test_rerank_run_errors(full: MatryoshkaReranker, corpus: dict[str, str]) -> 
         full.rerank_run({"q9": ["x"]}, {"q1": "x"}, corpus)
     with pytest.raises(InputTextError, match="query 'q1' is empty"):
         full.rerank_run({"q1": list(corpus)[:2]}, {"q1": " "}, corpus)
-    with pytest.raises(OptionError, match="depth=0"):
-        full.rerank_run({"q1": list(corpus)[:2]}, {"q1": "x"}, corpus, depth=0)
+    for bad in (-1, 2.5, True, "3"):
+        with pytest.raises(OptionError, match=f"depth={bad!r} is invalid: expected an integer >= 1"):
+            full.rerank_run({"q1": list(corpus)[:2]}, {"q1": "x"}, corpus, depth=bad)
+    with pytest.raises(OptionError, match="depth=-2 is invalid"):
+        MatryoshkaReranker(full.model_dir, depth=-2)
 
 
 def test_stats_after_a_run(model_dir: Path, corpus: dict[str, str]) -> None:

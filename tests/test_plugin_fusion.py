@@ -256,6 +256,45 @@ def test_replay_with_fusion_equals_the_runtime(model_dir: Path, corpus: dict[str
                                        atol=1e-5)
 
 
+@pytest.mark.parametrize("depth", [3, 7])
+def test_replay_with_depth_equals_the_runtime(model_dir: Path, corpus: dict[str, str], scored_run, depth: int) -> None:
+    run, _ = scored_run
+    recorded = record_run(Cascade(model_dir, batch_size=4, threads=1), run, QUERIES, corpus, progress=False)
+    for policy, threshold, weight in (("candidate", 0.6, 0.4), ("topk", 0.7, 0.0), ("query", 0.2, 0.7)):
+        reranker = MatryoshkaReranker(model_dir, policy=policy, threshold=threshold, top_k=3, batch_size=4,
+                                      threads=1, first_stage_weight=weight, depth=depth)
+        real = reranker.rerank_run(run, QUERIES, corpus)
+        final, stage = recorded.replay(make_policy(policy, threshold, recorded.exits, 0.9, top_k=3), weight, depth)
+        replayed = recorded.to_run(final)
+        for qid in run:  # scores below the depth included: min(scored) - 1 - i in first-stage order
+            np.testing.assert_allclose([replayed[qid][d] for d in run[qid]], [real[qid][d] for d in run[qid]],
+                                       atol=1e-5)
+        assert (stage == -1).sum() == sum(len(h) - depth for h in run.values())
+        stats = reranker.stats.to_dict()
+        layers, cost = recorded.layers_and_cost(stage)
+        assert (layers, cost) == pytest.approx((stats["mean_layers_per_candidate"], stats["relative_layer_cost"]))
+
+
+def test_tuning_chooses_a_depth_within_a_cost_and_writes_it(model_dir: Path, corpus: dict[str, str], scored_run,
+                                                            tmp_path: Path) -> None:
+    run, qrels = scored_run
+    recorded = record_run(Cascade(model_dir, batch_size=4, threads=1), run, QUERIES, corpus, progress=False)
+    result = tune(recorded, qrels, (0.5,), max_loss=None, cost_target=0.3, depths=(None, 3))
+    assert {p.depth for p in result.points} == {None, 3}
+    assert all(p.depth is None for p in result.points if p.policy == "fixed")  # fixed exits: every candidate
+    # the first exit (layer 2 of 6) costs 1/3 for every scored candidate: only depth 3 (3 of 10) fits 30%
+    assert result.best.depth == 3 and result.best.relative_cost <= 0.3
+    assert result.points == tune(recorded, qrels, (0.5,), max_loss=None, cost_target=0.3,
+                                 depths=(None, 3, None)).points
+    with pytest.raises(OptionError, match=r"--depths=0 is invalid"):
+        tune(recorded, qrels, (0.5,), depths=(None, 0))
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    write_choice(folder, result.best, result.first_stage_weight, {"data": "synthetic"})
+    assert load_manifest(folder, verify=True).policy.depth == 3
+    assert MatryoshkaReranker(folder).depth == 3
+
+
 def test_tuning_chooses_the_weight_and_writes_it(model_dir: Path, corpus: dict[str, str], scored_run,
                                                  tmp_path: Path) -> None:
     run, qrels = scored_run
@@ -348,3 +387,12 @@ def test_tune_cli_writes_the_weight(monkeypatch: pytest.MonkeyPatch, model_dir: 
     by_weight = sweep_json["full_ndcg10_by_first_stage_weight"]
     assert set(by_weight) == {"0", "0.2", "0.5"} and by_weight[f"{weight:g}"] == max(by_weight.values())
     assert manifest.policy.tuned_on["first_stage_weights"] == [0.0, 0.2, 0.5]
+    assert manifest.policy.tuned_on["depths"] == ["all", 80, 60, 50, 40, 30, 20]
+    cheap = [a for a in base if a not in ("--max-loss", "0.05")]
+    assert tune_main([*cheap, "--first-stage-weights", "0.5", "--depths", "all", "3", "--cost", "0.3"]) == 0
+    manifest = load_manifest(folder, verify=True)
+    assert manifest.policy.depth == 3 and "depth=3" in capsys.readouterr().out
+    assert manifest.policy.tuned_on["depths"] == ["all", 3]
+    with pytest.raises(SystemExit):
+        tune_main([*cheap, "--depths", "0"])
+    assert "'0' is not 'all' or an integer >= 1" in capsys.readouterr().err

@@ -140,6 +140,9 @@ def _set_hash(data: dict) -> None:
     (lambda d: d["calibration"]["per_exit"].pop("4"), "one entry per exit"),
     (lambda d: d["policy"].__setitem__("threshold", 1.5), r"policy.threshold: expected a number in \[0, 1\]"),
     (lambda d: d["policy"].__setitem__("name", "greedy"), "policy.name"),
+    (lambda d: d["policy"].__setitem__("depth", 0), r"policy.depth: expected an integer >= 1"),
+    (lambda d: d["policy"].__setitem__("depth", 2.5), r"policy.depth: expected int"),
+    (lambda d: d["policy"].__setitem__("depth", True), r"policy.depth: expected int"),
     (lambda d: d["model"].pop("num_layers"), "model.num_layers: required field is missing"),
     (lambda d: d["model"].__setitem__("hidden_size", "8"), "model.hidden_size: expected int"),
     (lambda d: d["layout"].__setitem__("family", "decoder"), "layout"),
@@ -151,6 +154,17 @@ def test_tampered_manifest(tmp_path: Path, change, pattern: str) -> None:
     with pytest.raises(MatryoshkaError, match=pattern) as info:
         load_manifest(tmp_path)
     assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_depth_is_optional_and_round_trips(tmp_path: Path) -> None:
+    import dataclasses
+
+    manifest = make_folder(tmp_path)
+    assert "depth" not in json.loads((tmp_path / MANIFEST_NAME).read_text())["policy"]
+    assert load_manifest(tmp_path).policy.depth is None
+    write_manifest(tmp_path, dataclasses.replace(manifest, policy=dataclasses.replace(manifest.policy, depth=40)))
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["policy"]["depth"] == 40
+    assert load_manifest(tmp_path).policy.depth == 40
 
 
 def test_invalid_json_names_line(tmp_path: Path) -> None:

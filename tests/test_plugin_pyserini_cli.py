@@ -19,7 +19,7 @@ def test_split_argv_takes_only_our_flags() -> None:
                     "--matryoshka.batch-size", "8"]
     assert theirs == ["--index", "idx", "--topics", "t.tsv", "--bm25", "--output", "run.txt"]
     ns = _parser().parse_args(ours)
-    assert (ns.reranker, ns.threshold, ns.model, ns.batch_size, ns.policy) == ("matryoshka", 0.5, "m", 8, "candidate")
+    assert (ns.reranker, ns.threshold, ns.model, ns.batch_size, ns.policy) == ("matryoshka", 0.5, "m", 8, None)
     assert ns.first_stage_weight is None  # None = the manifest's weight
 
 

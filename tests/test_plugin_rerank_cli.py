@@ -137,7 +137,7 @@ def test_non_utf8_corpus(files: dict[str, Path], tmp_path: Path, capsys) -> None
 @pytest.mark.parametrize(("extra", "pattern"), [
     (["--threshold", "1.5"], r"--threshold=1.5 is invalid: expected a number in \[0, 1\]"),
     (["--threshold", "-0.1"], r"--threshold=-0.1 is invalid"),
-    (["--depth", "0"], "--depth=0 is invalid: expected an integer >= 1"),
+    (["--depth", "-1"], r"--depth=-1 is invalid: expected an integer >= 1 \(candidates reranked per query\), or 0"),
     (["--first-stage-weight", "1.5"], r"--first-stage-weight=1.5 is invalid: expected a number in \[0, 1\]"),
     (["--first-stage-weight", "nan"], r"--first-stage-weight=nan is invalid"),
     (["--policy", "fixed", "--exit-layer", "3"], r"--exit-layer=3 is invalid: expected one of the model's exits"),
