@@ -19,7 +19,6 @@ from matryoshka.io import read_run, write_trec_qrels
 from matryoshka.io.atomic import atomic_write
 from matryoshka.pipeline import bm25_search, prepare_beir, trec_eval
 from matryoshka.plugin.cascade import Cascade
-from matryoshka.plugin.fusion import fuse
 from matryoshka.plugin.manifest import load_manifest
 from matryoshka.plugin.policies import make_policy
 from matryoshka.plugin.tuning import record_run, sweep
@@ -116,8 +115,10 @@ def quality(name: str, data: Path, args: argparse.Namespace, out: Path) -> tuple
             label += f" + first stage (w={w:g})" if w else ""
             rows.append(Row(label, evaluate(recorded.to_run(final), prepared.qrels, out, f"{name}-fixed{e}-w{w:g}"),
                             *recorded.layers_and_cost(stage)))
-    final, stage = recorded.replay(make_policy(default.name, default.threshold, exits, default.threshold), weight)
+    final, stage = recorded.replay(make_policy(default.name, default.threshold, exits, default.threshold), weight,
+                                   default.depth)
     fusion = f" + first stage (w={weight:g})" if weight else ""
+    fusion += f", depth {default.depth}" if default.depth else ""
     rows.append(Row(f"(d) cascade {default.name} @ {default.threshold:g}{fusion} (tuned default)",
                     evaluate(recorded.to_run(final), prepared.qrels, out, f"{name}-default"),
                     *recorded.layers_and_cost(stage)))
@@ -152,8 +153,10 @@ def timed(name: str, context: dict, args: argparse.Namespace, out: Path) -> list
     prepared, candidates, texts = context["prepared"], context["candidates"], context["texts"]
     qids = [q for q in candidates if q in prepared.dataset.qrels][: args.timing_queries]
     cache = out / f"{name}-timing-cache.json"
+    first = context["first_stage"]
     cache.write_text(json.dumps({"queries": {q: {"text": prepared.dataset.queries[q], "docids": candidates[q],
-                                                 "passages": [texts[d] for d in candidates[q]]} for q in qids}}))
+                                                 "passages": [texts[d] for d in candidates[q]],
+                                                 "first_stage": [first[q][d] for d in candidates[q]]} for q in qids}}))
     qrels = out / f"{name}-timing.qrels"
     write_trec_qrels(qrels, {q: prepared.dataset.qrels[q] for q in qids})
     manifest = load_manifest(args.model, verify=False)
@@ -176,12 +179,9 @@ def timed(name: str, context: dict, args: argparse.Namespace, out: Path) -> list
              f"{args.batch_size}\n",
              "| configuration | nDCG@10 | mean layers | cand/s | ms/query p50 | p95 | peak RSS MiB | x vs (a) | "
              "x vs (b int8) |", "|---|---|---|---|---|---|---|---|---|"]
-    weight = manifest.policy.first_stage_weight
-    if weight:  # the plugin fuses the default cascade's scores with the first stage (negligible time)
-        first = context["first_stage"]
-        results["default"]["run"] = {q: dict(zip(hits, fuse(list(hits.values()), [first[q][d] for d in hits], weight),
-                                                 strict=True)) for q, hits in results["default"]["run"].items()}
-        labels["default"] += f" + first stage (w={weight:g})"
+    tuned = manifest.policy  # the worker ran the plugin itself: fused and depth-cut there, timed with it
+    labels["default"] += f" + first stage (w={tuned.first_stage_weight:g})" if tuned.first_stage_weight else ""
+    labels["default"] += f", depth {tuned.depth}" if tuned.depth else ""
     for config, res in results.items():
         metrics = evaluate(res["run"], qrels, out, f"{name}-timed-{config.replace(':', '_')}")
         total = sum(res["seconds"])

@@ -5,7 +5,8 @@ For each collection: Pyserini BM25 top-``hits`` of the test queries, then on the
 (a) PyTorch fp32 full depth (what a sentence-transformers CrossEncoder user runs), from the training checkpoint;
 (b) one full-depth ONNX graph, fp32 and int8;
 (c) every fixed exit of the ONNX int8 stage chain;
-(d) the cascade at the model's tuned default (real, timed) and at a sweep of thresholds for each policy.
+(d) the cascade at the model's tuned default (real, timed: exactly what the plugin runs, with the manifest's policy,
+    rerank depth and first-stage fusion) and at a sweep of thresholds for each policy.
 
 Two tables come out:
 
@@ -67,7 +68,7 @@ def _worker(config: str, model: Path, checkpoint: Path | None, cache: Path, out:
         tok = prepare_tokenizer(Tokenizer.from_file(str(checkpoint / "tokenizer.json")))
         last = net.config.exits[-1]
 
-        def score(q: str, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        def score(q: str, texts: list[str], *_: object) -> tuple[np.ndarray, np.ndarray]:
             outs = []
             with torch.inference_mode():
                 for i in range(0, len(texts), batch_size):
@@ -92,7 +93,7 @@ def _worker(config: str, model: Path, checkpoint: Path | None, cache: Path, out:
         names = {i.name for i in session.get_inputs()}
         last = chain.exits[-1]
 
-        def score(q: str, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        def score(q: str, texts: list[str], *_: object) -> tuple[np.ndarray, np.ndarray]:
             q_ids, p_ids = chain.tokenize([q] * len(texts), texts)
             order = np.argsort([-len(p) for p in p_ids], kind="stable")
             result = np.empty(len(texts))
@@ -102,6 +103,18 @@ def _worker(config: str, model: Path, checkpoint: Path | None, cache: Path, out:
                 out = session.run(["score"], {k: v for k, v in feeds.items() if k in names})[0]
                 result[rows] = np.asarray(out, dtype=np.float64).reshape(-1)
             return result, np.full(len(texts), last)
+    elif config == "default":  # exactly what the plugin runs: tuned policy, depth and first-stage fusion
+        from matryoshka.plugin.api import MatryoshkaReranker
+
+        reranker = MatryoshkaReranker(model, precision="int8" if "int8" in chain_precisions(model) else None,
+                                      threads=threads, batch_size=batch_size)
+
+        def score(q: str, texts: list[str], docids: list[str], first: list[float]) -> tuple[np.ndarray, np.ndarray]:
+            out = reranker.rerank_query(q, docids, texts, first_stage_scores=first)
+            scored = reranker.last_result.exit_layer if reranker.last_result is not None else []
+            layers = np.zeros(len(docids))  # candidates below the rerank depth: never scored
+            layers[: len(scored)] = scored
+            return np.array([out[d] for d in docids]), layers
     else:
         from matryoshka.plugin.cascade import Cascade
         from matryoshka.plugin.policies import make_policy
@@ -112,18 +125,16 @@ def _worker(config: str, model: Path, checkpoint: Path | None, cache: Path, out:
         default = chain.manifest.policy
         if kind == "fixed":
             policy = make_policy("fixed", None, chain.exits, default.threshold, exit_layer=int(value))
-        elif kind == "default":
-            policy = make_policy(default.name, default.threshold, chain.exits, default.threshold)
         else:
             policy = make_policy(kind, float(value), chain.exits, default.threshold)
 
-        def score(q: str, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        def score(q: str, texts: list[str], *_: object) -> tuple[np.ndarray, np.ndarray]:
             res = chain.run([q] * len(texts), texts, policy)
             return res.scores, res.exit_layer
 
     for qid, entry in queries.items():
         start = time.perf_counter()
-        scores, exit_layers = score(entry["text"], entry["passages"])
+        scores, exit_layers = score(entry["text"], entry["passages"], entry["docids"], entry["first_stage"])
         seconds.append(time.perf_counter() - start)
         layers.extend(np.asarray(exit_layers, dtype=float).tolist())
         results[qid] = dict(zip(entry["docids"], map(float, scores), strict=True))

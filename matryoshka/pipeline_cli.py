@@ -57,6 +57,7 @@ def compare(args: argparse.Namespace, model: Path, prepared, bm25_path: Path, ou
     The fixed exits are shown plain and, when the model's policy has a first-stage weight, fused with the BM25 score
     as the cascade's own scores are; the sweep (and its 99% line) uses that same weight."""
     from matryoshka.io import read_run, write_run
+    from matryoshka.io.atomic import atomic_write
     from matryoshka.plugin.cascade import Cascade
     from matryoshka.plugin.policies import make_policy
     from matryoshka.plugin.tuning import record_run, sweep
@@ -78,7 +79,8 @@ def compare(args: argparse.Namespace, model: Path, prepared, bm25_path: Path, ou
             lines.append(row(label, trec_eval(prepared.qrels, path), f"{layers:.2f}", f"{cost:.1%}"))
     full, points = sweep(recorded, prepared.dataset.qrels, first_stage_weight=weight)
     curve = {"full": full, "first_stage_weight": weight, "points": [p.as_dict() for p in points]}
-    (out / "sweep.json").write_text(json.dumps(curve, indent=1))
+    with atomic_write(out / "sweep.json") as handle:
+        json.dump(curve, handle, indent=1)
     return lines, plot(curve, out / "ndcg_vs_cost.png", args.data.name)
 
 

@@ -1,0 +1,69 @@
+"""benchmarks/rerank_benchmark.py's timed worker: its tuned-default configuration is exactly what the plugin runs
+(the manifest's policy, rerank depth and first-stage fusion), and a fixed exit scores every candidate at that exit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.rerank_benchmark import _worker
+from matryoshka.plugin.api import MatryoshkaReranker
+from matryoshka.plugin.cascade import Cascade
+from matryoshka.plugin.manifest import load_manifest, write_manifest
+from matryoshka.plugin.policies import make_policy
+from matryoshka.plugin.testing import build_synthetic_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    tmp = tmp_path_factory.mktemp("worker")
+    lines = (REPO / "data" / "scifact-mini" / "corpus.jsonl").read_text().splitlines()[:20]
+    docs = {(d := json.loads(line))["_id"]: d["text"][:300] for line in lines}
+    model = build_synthetic_model(tmp / "model", docs.values(), threshold=0.8)
+    manifest = load_manifest(model)
+    policy = dataclasses.replace(manifest.policy, name="topk", threshold=0.6, first_stage_weight=0.3, depth=6)
+    write_manifest(model, dataclasses.replace(manifest, policy=policy))
+    ids = list(docs)
+    rng = np.random.default_rng(0)
+    queries = {}
+    for k, (qid, text) in enumerate((("q1", "insulin resistance"), ("q2", "dna repair"))):
+        docids = ids[k * 10: k * 10 + 10]
+        scores = sorted(rng.uniform(0, 10, len(docids)).tolist(), reverse=True)
+        queries[qid] = {"text": text, "docids": docids, "passages": [docs[d] for d in docids], "first_stage": scores}
+    cache = tmp / "cache.json"
+    cache.write_text(json.dumps({"queries": queries}))
+    return model, cache, queries
+
+
+def test_default_is_the_plugin_with_the_manifest_policy_depth_and_fusion(setup, tmp_path: Path) -> None:
+    model, cache, queries = setup
+    _worker("default", model, None, cache, tmp_path / "out.json", 1, 4)
+    out = json.loads((tmp_path / "out.json").read_text())
+    reranker = MatryoshkaReranker(model, threads=1, batch_size=4)
+    assert (reranker.policy.name, reranker.depth, reranker.first_stage_weight) == ("topk", 6, 0.3)
+    for qid, entry in queries.items():
+        expected = reranker.rerank_query(entry["text"], entry["docids"], entry["passages"],
+                                         first_stage_scores=entry["first_stage"])
+        np.testing.assert_allclose([out["run"][qid][d] for d in entry["docids"]],
+                                   [expected[d] for d in entry["docids"]], atol=1e-6)
+    layers = np.asarray(out["layers"]).reshape(2, 10)
+    assert (layers[:, 6:] == 0).all() and (layers[:, :6] > 0).all()  # below the depth: never scored
+    assert len(out["seconds"]) == 2 and out["peak_mib"] > 0
+
+
+def test_fixed_exit_scores_every_candidate_at_that_exit(setup, tmp_path: Path) -> None:
+    model, cache, queries = setup
+    _worker("fixed:4", model, None, cache, tmp_path / "out.json", 1, 4)
+    out = json.loads((tmp_path / "out.json").read_text())
+    chain = Cascade(model, threads=1, batch_size=4)
+    for qid, entry in queries.items():
+        res = chain.run([entry["text"]] * 10, entry["passages"], make_policy("fixed", None, chain.exits, 1.0,
+                                                                              exit_layer=4))
+        np.testing.assert_allclose([out["run"][qid][d] for d in entry["docids"]], res.scores, atol=1e-6)
+    assert set(out["layers"]) == {4.0}
