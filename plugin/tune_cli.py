@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="dev", help="dev split (qrels/<split>.tsv); never tune on test")
     parser.add_argument("--work", type=Path, default=Path("runs/work"), help="folder for index/topics/runs")
     parser.add_argument("--hits", type=int, default=100, help="BM25 candidates per query (default: 100)")
+    parser.add_argument("--run", type=Path, default=None, metavar="RUN.trec",
+                        help="tune on this first-stage run of the dev queries instead of BM25 (TREC format with "
+                             "scores, e.g. from pyserini.search.faiss or .hybrid): the weight and depth then fit "
+                             "that first stage; --hits is ignored")
     parser.add_argument("--queries", type=int, default=None, metavar="N",
                         help="tune on a seeded random sample of N judged dev queries (default: all); the full-depth "
                         "recording pass costs about 0.05 s per candidate on a 2-core CPU")
@@ -121,6 +125,8 @@ def cache_key(cascade: Cascade, args: argparse.Namespace) -> str:
 
     parts = [cascade.precision, *(s.files[cascade.precision].sha256 for s in cascade.manifest.stages),
              str(args.data.resolve()), args.split, str(args.hits), str(args.queries), str(args.seed)]
+    if getattr(args, "run", None) is not None:  # another first stage: its candidates and scores
+        parts.append(hashlib.sha256(Path(args.run).read_bytes()).hexdigest())
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -172,9 +178,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         from matryoshka.pipeline import bm25_search, prepare_beir  # Pyserini only on this path
 
         prepared = prepare_beir(args.data, args.split, args.work)
-        run_path = bm25_search(prepared.index_dir, prepared.topics, args.work / f"bm25-{args.data.name}-"
-                               f"{args.split}-{args.hits}.txt", hits=args.hits)
+        if args.run is not None:
+            run_path = args.run
+            args.hits = max((len(h) for h in read_run(run_path).queries.values()), default=0)
+        else:
+            run_path = bm25_search(prepared.index_dir, prepared.topics, args.work / f"bm25-{args.data.name}-"
+                                   f"{args.split}-{args.hits}.txt", hits=args.hits)
         run = read_run(run_path)
+        unknown = [(q, e.docid) for q, hits in run.queries.items() for e in hits
+                   if e.docid not in prepared.dataset.corpus]
+        if unknown:
+            raise DataFormatError(run_path, None, f"document {unknown[0][1]!r} of query {unknown[0][0]!r} is not in "
+                                  f"{args.data}/corpus.jsonl", "pass the run retrieved from this --data collection")
+        stray = [q for q in run.queries if q not in prepared.dataset.queries]
+        if stray:
+            raise DataFormatError(run_path, None, f"query {stray[0]!r} is not in {args.data}/queries.jsonl",
+                                  "pass a run of this collection's dev queries")
         candidates = sample_queries(run.queries, prepared.dataset.qrels, args.queries, args.seed)
         # a sample is judged on its own queries only (queries of the qrels without a run would count as 0)
         qrels = prepared.dataset.qrels if args.queries is None else {
@@ -220,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"layer-FLOPs; {budget})")
     if not args.dry_run:
         tuned_on = {"data": args.data.name, "split": args.split, "hits": args.hits, "budget": budget,
+                    "first_stage": "bm25" if args.run is None else args.run.name,
                     "queries": len(candidates), "seed": args.seed,
                     "precision": cascade.precision, "ndcg10": round(best.ndcg10, 4),
                     "full_ndcg10": round(full, 4), "relative_cost": round(best.relative_cost, 4),
