@@ -122,7 +122,8 @@ def quality(name: str, data: Path, args: argparse.Namespace, out: Path) -> tuple
     rows.append(Row(f"(d) cascade {default.name} @ {default.threshold:g}{fusion} (tuned default)",
                     evaluate(recorded.to_run(final), prepared.qrels, out, f"{name}-default"),
                     *recorded.layers_and_cost(stage)))
-    full, points = sweep(recorded, prepared.dataset.qrels, first_stage_weight=weight)
+    depths = (None, default.depth) if default.depth else (None,)  # the sweep also at the tuned rerank depth
+    full, points = sweep(recorded, prepared.dataset.qrels, first_stage_weight=weight, depths=depths)
     curve = {"full": full, "bm25": rows[0].metrics["ndcg_cut_10"], "points": [p.as_dict() for p in points],
              "default": {"ndcg10": rows[-1].metrics["ndcg_cut_10"], "cost": rows[-1].cost},
              "first_stage_weight": weight, "source": source}
@@ -204,10 +205,14 @@ def plot(curves: dict[str, dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.8), squeeze=False)
     for ax, (name, curve) in zip(axes[0], curves.items(), strict=True):
         points = curve["points"]
-        for policy, marker in (("candidate", "o-"), ("query", "s-"), ("topk", "^-")):
-            pts = sorted((p["relative_cost"], p["ndcg10"]) for p in points if p["policy"] == policy)
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker, ms=3, lw=1, label=f"cascade: {policy}")
+        depths = sorted({p.get("depth") for p in points}, key=lambda d: (d is not None, d or 0))
+        for depth in depths:
+            for policy, marker in (("candidate", "o"), ("query", "s"), ("topk", "^")):
+                pts = sorted((p["relative_cost"], p["ndcg10"]) for p in points
+                             if p["policy"] == policy and p.get("depth") == depth)
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker + ("-" if depth is None else "--"), ms=3, lw=1,
+                            label=f"cascade: {policy}" + (f", depth {depth}" if depth else ""))
         fixed = [(p["relative_cost"], p["ndcg10"]) for p in points if p["policy"] == "fixed"]
         ax.plot(*zip(*fixed, strict=True), "kD", ms=5, label="fixed exits")
         ax.axhline(curve["bm25"], color="grey", ls=":", label="BM25")
@@ -224,6 +229,19 @@ def plot(curves: dict[str, dict], path: Path) -> None:
         fig.savefig(handle, format="png", dpi=110)
 
 
+def frontier(points: list[dict], full: float) -> list[str]:
+    """Markdown rows of the sweep's cost/quality frontier: the points no cheaper point matches in nDCG@10."""
+    rows, best = [], -1.0
+    for p in sorted(points, key=lambda p: (p["relative_cost"], -p["ndcg10"])):
+        if p["ndcg10"] > best + 1e-12:
+            best = p["ndcg10"]
+            threshold = "—" if p["policy"] == "fixed" else f"{p['threshold']:g}"
+            what = f"fixed exit {p['mean_layers']:g}" if p["policy"] == "fixed" else p["policy"]
+            rows.append(f"| {what} | {threshold} | {p.get('depth') or 'all'} | {p['ndcg10']:.4f} | "
+                        f"{p['ndcg10'] / full:.1%} | {p['mean_layers']:.2f} | {p['relative_cost']:.1%} |")
+    return rows
+
+
 def run_benchmark(argv: list[str]) -> int:
     from benchmarks.rerank_benchmark import dataset_dir
 
@@ -236,7 +254,7 @@ def run_benchmark(argv: list[str]) -> int:
               f"model `{args.model.relative_to(REPO) if args.model.is_relative_to(REPO) else args.model}`.", "",
               f"## Effectiveness and compute, all test queries, BM25 top-{args.hits} reranked", "",
               "| run | nDCG@10 | MRR@10 | R@100 | mean layers | layer-FLOPs |", "|---|---|---|---|---|---|"]
-    timing, curves, notes = [], {}, []
+    timing, curves, notes, sweeps = [], {}, [], []
     for name in args.datasets:
         data = dataset_dir(name)
         if data is None:
@@ -251,9 +269,13 @@ def run_benchmark(argv: list[str]) -> int:
                      f"{default.metrics['ndcg_cut_10'] / curve['full']:.1%} of full-depth nDCG@10 (same first-stage "
                      f"weight {curve['first_stage_weight']:g}) at {default.cost:.1%} of its layer-FLOPs "
                      f"(targets: >= 99% at <= 40%)")
+        sweeps += [f"\n**{name}** (full depth {curve['full']:.4f})\n",
+                   "| policy | threshold | depth | nDCG@10 | of full depth | mean layers | layer-FLOPs |",
+                   "|---|---|---|---|---|---|---|", *frontier(curve["points"], curve["full"])]
         if name in args.timed_datasets:
             timing.extend(timed(name, context, args, out))
-    report += ["", *notes, "", "## Side by side, timed (same candidates, each configuration in a fresh process)",
+    report += ["", *notes, "", "## Cost/quality frontier of the sweep (replayed; points no cheaper point matches)",
+               *sweeps, "", "## Side by side, timed (same candidates, each configuration in a fresh process)",
                *timing]
     plot(curves, args.plot)
     shown = args.plot.relative_to(REPO) if args.plot.is_relative_to(REPO) else args.plot
@@ -261,7 +283,8 @@ def run_benchmark(argv: list[str]) -> int:
     text = "\n".join(report) + "\n"
     print(text)
     (out / "report.md").write_text(text)
-    (out / "curves.json").write_text(json.dumps(curves, indent=1))
+    with atomic_write(out / "curves.json") as handle:
+        json.dump(curves, handle, indent=1)
     if args.write:
         with atomic_write(args.write) as handle:
             handle.write(text)

@@ -67,3 +67,17 @@ def test_fixed_exit_scores_every_candidate_at_that_exit(setup, tmp_path: Path) -
                                                                               exit_layer=4))
         np.testing.assert_allclose([out["run"][qid][d] for d in entry["docids"]], res.scores, atol=1e-6)
     assert set(out["layers"]) == {4.0}
+
+
+def test_frontier_keeps_only_points_no_cheaper_point_matches() -> None:
+    from benchmarks.bench_report import frontier
+
+    def point(policy: str, cost: float, ndcg: float, depth: int | None = None) -> dict:
+        return {"policy": policy, "threshold": 0.9, "depth": depth, "ndcg10": ndcg, "mean_layers": 6 * cost,
+                "relative_cost": cost}
+
+    points = [point("candidate", 0.5, 0.30), point("query", 0.6, 0.29), point("topk", 0.7, 0.31),
+              point("candidate", 0.2, 0.28, depth=20), point("fixed", 1.0, 0.31)]
+    rows = frontier(points, full=0.31)
+    assert [r.split(" | ")[0] for r in rows] == ["| candidate", "| candidate", "| topk"]
+    assert "| 20 |" in rows[0] and "| all |" in rows[1] and "100.0%" in rows[2]
