@@ -134,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--matryoshka.threads", args.threads, "--matryoshka.stats", stats_path, *extra])
         stats = json.loads(stats_path.read_text())
         fused = f", + BM25 w={stats['first_stage_weight']:g}" if stats.get("first_stage_weight") else ""
+        fused += f", top {stats['depth']} reranked" if stats.get("depth") else ""
         lines = [row("BM25 (Pyserini)", trec_eval(prepared.qrels, bm25_path), "0", "0%"),
                  row(f"BM25 + matryoshka cascade ({stats['policy']}{fused})", trec_eval(prepared.qrels, cascade_path),
                      f"{stats['mean_layers_per_candidate']:.2f}", f"{stats['relative_layer_cost']:.1%}",

@@ -261,6 +261,7 @@ class MatryoshkaReranker:
                               qids=None if qid is None else [qid] * len(head))
             out = {d: float(s) for d, s in zip(head, scores, strict=True)}
         self.stats.below_depth += len(tail)
+        self.stats.depth = depth
         floor = min(out.values()) if out else 0.0
         for i, docid in enumerate(tail):
             out[docid] = floor - 1.0 - i

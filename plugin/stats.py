@@ -36,6 +36,8 @@ class RunStats:
     truncated: int = 0
     #: candidates kept in first-stage order below the rerank depth (never scored)
     below_depth: int = 0
+    #: the rerank depth of the last rerank_run / rerank_query (None = every candidate)
+    depth: int | None = None
     #: weight of the z-normalised first-stage score in the final scores (0 = no fusion)
     first_stage_weight: float = 0.0
 
@@ -65,6 +67,7 @@ class RunStats:
         return {
             "policy": self.policy,
             "first_stage_weight": self.first_stage_weight,
+            "depth": self.depth,
             "queries": self.queries,
             "candidates": n,
             "reranked_candidates": self.candidates,
@@ -83,7 +86,8 @@ class RunStats:
     def summary(self) -> str:
         d = self.to_dict()
         hist = ", ".join(f"L{e}: {c}" for e, c in d["exit_histogram"].items())
-        return (f"matryoshka [{d['policy']}, first-stage weight {d['first_stage_weight']:g}]: {d['queries']} "
+        return (f"matryoshka [{d['policy']}, first-stage weight {d['first_stage_weight']:g}, depth "
+                f"{d['depth'] or 'all'}]: {d['queries']} "
                 f"queries, {d['candidates']} candidates" + (f" ({d['candidates_below_depth']} below the rerank depth, "
                                                              "not scored)" if d["candidates_below_depth"] else "")
                 + f"; mean layers/candidate {d['mean_layers_per_candidate']:.2f} "

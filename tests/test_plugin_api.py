@@ -94,7 +94,8 @@ def test_the_manifest_depth_is_the_default_and_zero_reranks_all(model_dir: Path,
     assert (stats["candidates"], stats["reranked_candidates"], stats["candidates_below_depth"]) == (8, 3, 5)
     assert stats["mean_layers_per_candidate"] == pytest.approx(6 * 3 / 8)  # unscored candidates cost nothing
     assert stats["relative_layer_cost"] == pytest.approx(3 / 8)
-    assert "(5 below the rerank depth, not scored)" in reranker.stats.summary()
+    assert "(5 below the rerank depth, not scored)" in reranker.stats.summary() and stats["depth"] == 3
+    assert "depth 3]" in reranker.stats.summary()
     everything = MatryoshkaReranker(deep, policy="fixed", batch_size=4, threads=1, depth=0)
     assert everything.depth is None
     assert everything.rerank_run(run, topics, corpus) == MatryoshkaReranker(

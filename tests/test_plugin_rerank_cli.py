@@ -76,7 +76,7 @@ def test_corpus_formats_and_depth(files: dict[str, Path], tmp_path: Path) -> Non
 def test_first_stage_weight_flag(files: dict[str, Path], tmp_path: Path, capsys) -> None:
     plain, zero, first, mixed = (tmp_path / f"{n}.txt" for n in ("plain", "zero", "first", "mixed"))
     assert main(args(files, plain)) == 0
-    assert "first-stage weight 0]" in capsys.readouterr().err  # the model has no tuned weight
+    assert "first-stage weight 0, depth all]" in capsys.readouterr().err  # the model has no tuned weight
     assert main(args(files, zero, "--first-stage-weight", "0")) == 0
     assert zero.read_bytes() == plain.read_bytes()  # 0 = exactly the reranker without fusion
     assert main(args(files, first, "--first-stage-weight", "1")) == 0
@@ -84,7 +84,7 @@ def test_first_stage_weight_flag(files: dict[str, Path], tmp_path: Path, capsys)
     for qid, entries in before.queries.items():  # 1 = the run's own (distinct) scores decide
         assert [e.docid for e in after.queries[qid]] == [e.docid for e in entries]
     assert main(args(files, mixed, "--first-stage-weight", "0.5", "--depth", "5")) == 0
-    assert "first-stage weight 0.5]" in capsys.readouterr().err
+    assert "first-stage weight 0.5, depth 5]" in capsys.readouterr().err
     assert mixed.read_bytes() != plain.read_bytes()
 
 
