@@ -60,5 +60,6 @@ done
 "$PY" -m matryoshka.export "$OUT/comp" "$OUT/model" --int8 --only int8 --no-full-graph --exits 3 4 6 \
   --name minilm-l6-matryoshka --overwrite
 
-# 6. policy, threshold and first-stage weight on NFCorpus dev (never test), for at most 1% nDCG@10 loss
-"$PY" -m matryoshka tune --model "$OUT/model" --data "$NFCORPUS" --split dev --queries 120 --work "$OUT/work"
+# 6. policy, threshold, rerank depth and first-stage weight on all NFCorpus dev queries (never test), for at most 1%
+#    nDCG@10 loss
+"$PY" -m matryoshka tune --model "$OUT/model" --data "$NFCORPUS" --split dev --work "$OUT/work"
