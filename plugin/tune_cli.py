@@ -180,11 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepared = prepare_beir(args.data, args.split, args.work)
         if args.run is not None:
             run_path = args.run
-            args.hits = max((len(h) for h in read_run(run_path).queries.values()), default=0)
         else:
             run_path = bm25_search(prepared.index_dir, prepared.topics, args.work / f"bm25-{args.data.name}-"
                                    f"{args.split}-{args.hits}.txt", hits=args.hits)
         run = read_run(run_path)
+        if args.run is not None:  # the given run's depth replaces --hits (cache key, depths, tuned_on)
+            args.hits = max((len(h) for h in run.queries.values()), default=0)
         unknown = [(q, e.docid) for q, hits in run.queries.items() for e in hits
                    if e.docid not in prepared.dataset.corpus]
         if unknown:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -121,13 +122,19 @@ class Recorded:
     #: first-stage (retriever) score per candidate, None when the recorded run had bare docids
     first_stage: np.ndarray | None = None
 
-    def fused(self, scores: np.ndarray, first_stage_weight: float = 0.0) -> np.ndarray:
-        """``scores`` (one per candidate) fused with the first-stage scores per query, as the runtime does."""
+    def fused(self, scores: np.ndarray, first_stage_weight: float = 0.0, rows: np.ndarray | None = None
+              ) -> np.ndarray:
+        """``scores`` (one per candidate, or one per candidate of ``rows``) fused with the first-stage scores per
+        query, as the runtime does."""
         w = check_first_stage_weight(first_stage_weight)
         if w > 0 and self.first_stage is None:
             raise FirstStageScoreError(f"first_stage_weight={w:g} needs first-stage scores, but the recorded run "
                                        "has bare document ids (record a run with scores)")
-        return fuse(scores, self.first_stage, w, self.groups, qids=self.qids, docids=self.docids)
+        if rows is None:
+            return fuse(scores, self.first_stage, w, self.groups, qids=self.qids, docids=self.docids)
+        first = None if self.first_stage is None else self.first_stage[rows]
+        return fuse(scores, first, w, self.groups[rows], qids=[self.qids[i] for i in rows],
+                    docids=[self.docids[i] for i in rows])
 
     def to_run(self, scores: np.ndarray) -> dict[str, dict[str, float]]:
         run: dict[str, dict[str, float]] = {}
@@ -135,15 +142,19 @@ class Recorded:
             run.setdefault(qid, {})[docid] = float(score)
         return run
 
+    @cached_property
     def first_stage_rank(self) -> np.ndarray:
         """Each candidate's 0-based rank in its query's first-stage order: by (-score, docid) as the reranker ranks
-        a scored run, else in the recorded order."""
-        rank = np.empty(len(self.docids), dtype=np.int64)
-        for g in np.unique(self.groups):
-            rows = np.flatnonzero(self.groups == g)
-            if self.first_stage is not None:
-                rows = rows[sorted(range(rows.size), key=lambda i: (-self.first_stage[rows[i]], self.docids[rows[i]]))]
-            rank[rows] = np.arange(rows.size)
+        a scored run, else in the recorded order (computed once: the recording does not change)."""
+        n = len(self.docids)
+        if self.first_stage is None:
+            order = np.lexsort((np.arange(n), self.groups))
+        else:
+            order = np.lexsort((np.asarray(self.docids), -self.first_stage, self.groups))
+        sorted_groups = self.groups[order]
+        starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
         return rank
 
     def replay(self, policy: ExitPolicy, first_stage_weight: float = 0.0, depth: int | None = None
@@ -155,26 +166,18 @@ class Recorded:
         if depth is None:
             final, stage = replay(self.exit_scores, self.groups, policy, self.exits, self.residual_std)
             return self.fused(final, first_stage_weight), stage
-        rank = self.first_stage_rank()
-        head = np.flatnonzero(rank < depth)
+        rank = self.first_stage_rank
+        head, tail = np.flatnonzero(rank < depth), np.flatnonzero(rank >= depth)
         final = np.full(len(self.docids), np.nan)
         stage = np.full(len(self.docids), -1, dtype=np.int64)
         head_final, stage[head] = replay(self.exit_scores[head], self.groups[head], policy, self.exits,
                                          self.residual_std)
-        w = check_first_stage_weight(first_stage_weight)
-        first = None if self.first_stage is None or w == 0 else self.first_stage[head]
-        if w > 0 and first is None:
-            raise FirstStageScoreError(f"first_stage_weight={w:g} needs first-stage scores, but the recorded run "
-                                       "has bare document ids (record a run with scores)")
-        final[head] = fuse(head_final, first, w, self.groups[head], qids=[self.qids[i] for i in head],
-                           docids=[self.docids[i] for i in head])
-        for g in np.unique(self.groups):
-            rows = np.flatnonzero(self.groups == g)
-            tail = rows[rank[rows] >= depth]
-            if tail.size:
-                scored = final[rows[rank[rows] < depth]]
-                floor = scored.min() if scored.size else 0.0
-                final[tail] = floor - 1.0 - (rank[tail] - depth)
+        final[head] = self.fused(head_final, first_stage_weight, rows=head)
+        # every query with a tail has scored candidates (its rank-0 one): its floor is their lowest final score
+        _, group_index = np.unique(self.groups, return_inverse=True)
+        floor = np.full(group_index.max() + 1 if group_index.size else 0, np.inf)
+        np.minimum.at(floor, group_index[head], final[head])
+        final[tail] = floor[group_index[tail]] - 1.0 - (rank[tail] - depth)
         return final, stage
 
     def layers_and_cost(self, stage: np.ndarray) -> tuple[float, float]:
