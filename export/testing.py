@@ -92,7 +92,7 @@ def tiny_base_model(folder: Path, family: str = "encoder", hidden: int = 32, lay
 
 def tiny_checkpoint(tmp_dir: str | os.PathLike[str], family: str = "encoder",
                     compression: dict[str, int] | None = None, exits: Sequence[int] = (1, 2, 4),
-                    compress_method: str = "mean", seed: int = 0) -> Path:
+                    compress_method: str = "mean", seed: int = 0, readout: str = "token") -> Path:
     """A saved tiny random reranker checkpoint (``tmp_dir/checkpoint_<family>...``) built with the training API.
 
     ``compression`` (e.g. ``{"layer": 2, "ratio": 2}``) becomes the checkpoint's ``inference_compression``.
@@ -101,7 +101,8 @@ def tiny_checkpoint(tmp_dir: str | os.PathLike[str], family: str = "encoder",
 
     from matryoshka.training.modeling import LayerwiseReranker
 
-    tag = f"{family}" + (f"_c{compression['layer']}x{compression['ratio']}" if compression else "")
+    tag = f"{family}" + (f"_c{compression['layer']}x{compression['ratio']}" if compression else "") + (
+        f"_{readout}" if readout != "token" else "")
     root = Path(tmp_dir)
     base = tiny_base_model(root / f"base_{family}", family, seed=seed)
     ratios = (compression["ratio"],) if compression else ()
@@ -110,7 +111,8 @@ def tiny_checkpoint(tmp_dir: str | os.PathLike[str], family: str = "encoder",
     max_length = 64 if family == "encoder" else 96
     model = LayerwiseReranker.build(base, exits=tuple(exits), compress_layers=layers, compress_ratios=ratios,
                                     compress_method=compress_method, max_length=max_length,
-                                    query_length=query_length, inference_compression=compression, seed=seed)
+                                    query_length=query_length, inference_compression=compression, seed=seed,
+                                    readout=readout)
     # Give every head and compensation distinct non-trivial values, so the export of each exit is really checked.
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -127,14 +129,14 @@ def tiny_checkpoint(tmp_dir: str | os.PathLike[str], family: str = "encoder",
 
 def tiny_exported_model(tmp_dir: str | os.PathLike[str], family: str = "encoder",
                         compression: dict[str, int] | None = None, int8: bool = False, fp16: bool = False,
-                        optimize: bool = False, full_graph: bool = True) -> Path:
+                        optimize: bool = False, full_graph: bool = True, readout: str = "token") -> Path:
     """Build, save and export a tiny random reranker; return the exported model folder (``tmp_dir/model_...``).
 
     Exits are ``[1, 2, 4]`` of 4 layers (three stages). The export validates every file against PyTorch.
     """
     from matryoshka.export.pipeline import ExportOptions, export_checkpoint
 
-    checkpoint = tiny_checkpoint(tmp_dir, family, compression)
+    checkpoint = tiny_checkpoint(tmp_dir, family, compression, readout=readout)
     out = Path(tmp_dir) / checkpoint.name.replace("checkpoint_", "model_")
     options = ExportOptions(int8=int8, fp16=fp16, optimize=optimize, full_graph=full_graph, overwrite=True,
                             name=f"tiny-{family}")

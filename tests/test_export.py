@@ -28,10 +28,11 @@ from matryoshka.training.modeling import LayerwiseReranker  # noqa: E402
 
 COMPRESSION = {"layer": 2, "ratio": 2}
 CASES = {
-    # name: (family, compression, extra precisions)
-    "encoder": ("encoder", None, ("int8",)),
-    "encoder_compressed": ("encoder", COMPRESSION, ("fp16", "optimized")),
-    "decoder_compressed": ("decoder", COMPRESSION, ("int8",)),
+    # name: (family, compression, extra precisions, readout); the compressed encoder reads the token mean, over the
+    # pooled mask after the compression layer
+    "encoder": ("encoder", None, ("int8",), "token"),
+    "encoder_compressed": ("encoder", COMPRESSION, ("fp16", "optimized"), "mean"),
+    "decoder_compressed": ("decoder", COMPRESSION, ("int8",), "token"),
 }
 
 
@@ -39,10 +40,10 @@ CASES = {
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
     """name -> (model folder, checkpoint folder); the plain decoder goes through the CLI."""
     out = {}
-    for name, (family, compression, extra) in CASES.items():
+    for name, (family, compression, extra, readout) in CASES.items():
         root = tmp_path_factory.mktemp(name)
         folder = tiny_exported_model(root, family, compression, int8="int8" in extra, fp16="fp16" in extra,
-                                     optimize="optimized" in extra)
+                                     optimize="optimized" in extra, readout=readout)
         out[name] = (folder, next(root.glob("checkpoint_*")))
     root = tmp_path_factory.mktemp("decoder_cli")
     checkpoint = tiny_checkpoint(root, "decoder", None)

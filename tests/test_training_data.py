@@ -114,6 +114,25 @@ def test_group_sampler_is_seeded_and_never_uses_positives_as_negatives(tmp_path:
         shard(first, rank=0, world_size=2, per_rank_batch=2)
 
 
+def test_positives_per_query_gives_one_group_per_distinct_positive(tmp_path: Path) -> None:
+    ts = load_training_set(write_training_set(tmp_path / "set", tiny_queries(), tiny_corpus(), {}))
+    every = GroupSampler([ts], group_size=4, seed=3, positives_per_query=[0])
+    assert len(every) == 3                                   # q1 has two positives, q2 one
+    for epoch in range(4):
+        groups = every.epoch(epoch)
+        assert len(groups) == 3 and groups == every.epoch(epoch)
+        assert sorted((g.qid, g.docids[0]) for g in groups) == [("q1", "d0"), ("q1", "d1"), ("q2", "d5")]
+        assert {g.docids[0]: g.labels[0] for g in groups} == {"d0": 2, "d1": 1, "d5": 1}
+        for group in groups:
+            assert not {"d0", "d1", "d5"} & set(group.docids[1:])
+    assert len(GroupSampler([ts], 4, 3, positives_per_query=[5])) == 3     # capped at the positives there are
+    assert len(GroupSampler([ts], 4, 3, positives_per_query=[1])) == 2
+    with pytest.raises(TrainingDataError, match="positives_per_query"):
+        GroupSampler([ts], 4, 3, positives_per_query=[1, 2])
+    with pytest.raises(TrainingDataError, match="queries_per_epoch=1 and positives_per_query=2"):
+        GroupSampler([ts], 4, 3, queries_per_epoch=[1], positives_per_query=[2])
+
+
 def test_teacher_file_round_trip_coverage_and_errors(tmp_path: Path) -> None:
     ts = load_training_set(write_training_set(tmp_path / "set", tiny_queries(), tiny_corpus(), {}))
     scores = {q.qid: fuse(q.bm25, {d: 0.1 * i for i, d in enumerate([*q.positives, *q.candidates])},

@@ -162,11 +162,36 @@ def test_load_errors(bases: dict[str, str], tmp_path) -> None:
     ({"compress_layers": (1,), "compress_ratios": (2,), "inference_compression": {"layer": 2, "ratio": 2}},
      "not a trained combination"),
     ({"start_layer": 9}, "start_layer"),
+    ({"readout": "max"}, r"readout='max' is invalid for a encoder: expected one of \['token', 'mean'\]"),
 ])
 def test_config_validation(bases: dict[str, str], kwargs: dict, message: str) -> None:
     with pytest.raises(ModelConfigError, match=message) as info:
         LayerwiseReranker.build(bases["bert"], max_length=64, query_length=8, **kwargs)
     assert isinstance(info.value, MatryoshkaError) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("compression", [None, Compression(2, 2)])
+def test_mean_readout_is_the_masked_token_mean_and_survives_save_load(bases: dict[str, str], tmp_path,
+                                                                      compression: Compression | None) -> None:
+    model = LayerwiseReranker.build(bases["bert"], max_length=64, query_length=8, compress_layers=(2,),
+                                    compress_ratios=(2,), readout="mean").eval()
+    batch = _batch(model, QUERIES, PASSAGES)
+    with torch.no_grad():
+        state = model.embed(**batch)
+        state = model.run_layers(state, 0, 4, compression)
+        mask = state.attention_mask.bool()
+        expected = torch.stack([state.hidden_states[i][mask[i]].mean(dim=0) for i in range(len(QUERIES))])
+        assert mask.sum() < mask.numel()                     # padding really is left out
+        assert torch.allclose(model.exit_hidden(state), expected, atol=1e-6)
+        assert not torch.allclose(model.exit_hidden(state), state.hidden_states[:, 0])
+        scores = model(**batch, compression=compression).calibrated
+        alone = model(**_batch(model, QUERIES[1:2], PASSAGES[1:2]), compression=compression).calibrated
+    assert torch.allclose(scores[:, 1], alone[:, 0], atol=1e-5)
+    model.save(tmp_path / "m")
+    loaded = LayerwiseReranker.load(tmp_path / "m").eval()
+    assert loaded.config.readout == "mean"
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch, compression=compression).calibrated, scores, atol=1e-6)
 
 
 def test_unsupported_architecture(bases: dict[str, str]) -> None:

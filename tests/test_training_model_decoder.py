@@ -105,3 +105,10 @@ def test_other_decoders_match_their_causal_lm(tmp_path, model_type: str) -> None
             assert float(scores.raw_at(2)[row]) == pytest.approx(float(logits[0, -1, model.config.yes_token_id]),
                                                                 abs=1e-4)
     assert torch.allclose(scores.calibrated[:, 1], alone.calibrated[:, 0], atol=1e-4)
+
+
+def test_decoders_read_their_last_token_only(base: str) -> None:
+    from matryoshka.training.config import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match=r"readout='mean' is invalid for a decoder: expected one of \['token'\]"):
+        LayerwiseReranker.build(base, max_length=64, query_length=16, readout="mean")

@@ -59,6 +59,8 @@ class ModelArguments:
     freeze_word_embeddings: bool = field(default=False, metadata={
         "help": "keep the token embedding matrix as in the base model (fewer trained weights)"})
     head_seed: int = field(default=0, metadata={"help": "seed of the exit heads' initialisation"})
+    readout: str = field(default="token", metadata={
+        "help": "what the exit heads read: 'token' ([CLS] / last token) or 'mean' (encoders: masked token mean)"})
 
     def __post_init__(self) -> None:
         if not self.base_model and not self.init_checkpoint:
@@ -76,6 +78,9 @@ class DataArguments:
     negative_depth: int = field(default=0, metadata={"help": "draw negatives from the top-N candidates (0 = all)"})
     queries_per_epoch: list[int] = field(default_factory=list, metadata={
         "help": "per training set: a fresh seeded sample of this many queries each epoch (0 = all)"})
+    positives_per_query: list[int] = field(default_factory=list, metadata={
+        "help": "per training set: groups per query and epoch, each with another positive (0 = every positive; "
+                "default 1)"})
     residual_set: str | None = field(default=None, metadata={
         "help": "held-out training-set folder for the compensation residuals (default: training groups)"})
     residual_groups: int = field(default=64, metadata={"help": "groups used to measure the residuals"})
@@ -89,6 +94,10 @@ class DataArguments:
         if self.queries_per_epoch and len(self.queries_per_epoch) != len(self.train_sets):
             raise OptionError("queries_per_epoch", self.queries_per_epoch,
                               f"one count per training set ({len(self.train_sets)}; 0 = all) or none")
+        if self.positives_per_query and (len(self.positives_per_query) != len(self.train_sets)
+                                         or any(k < 0 for k in self.positives_per_query)):
+            raise OptionError("positives_per_query", self.positives_per_query,
+                              f"one count >= 0 per training set ({len(self.train_sets)}; 0 = every positive) or none")
         if self.group_size < 2:
             raise OptionError("group_size", self.group_size, ">= 2 (one positive and at least one negative)")
 

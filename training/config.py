@@ -31,6 +31,9 @@ CONFIG_FILE = "matryoshka_config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 COMPRESS_METHODS = ("mean", "attention")
+# what an exit head reads: the family's scoring token ([CLS] / the last token), or (encoders) the masked mean of
+# every token of the pair
+READOUTS = {"encoder": ("token", "mean"), "decoder": ("token",)}
 CONFIG_VERSION = 1
 
 
@@ -104,6 +107,7 @@ class RerankerConfig:
     inference_compression: Compression | None = None
     yes_token_id: int | None = None
     adapter_hidden: int = 64
+    readout: str = "token"
     compensation: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     config_version: int = CONFIG_VERSION
@@ -128,6 +132,9 @@ class RerankerConfig:
         self._check_compression()
         if self.family == "decoder" and self.yes_token_id is None:
             raise ModelConfigError("yes_token_id=None is invalid for a decoder: expected the id of the token 'Yes'")
+        if self.readout not in READOUTS.get(self.family, ()):
+            raise ModelConfigError(f"readout={self.readout!r} is invalid for a {self.family}: expected one of "
+                                   f"{list(READOUTS.get(self.family, ()))}")
         if self.adapter_hidden < 1:
             raise ModelConfigError(f"adapter_hidden={self.adapter_hidden} is invalid: expected >= 1")
         layout = self.pair_layout()

@@ -251,13 +251,15 @@ class GroupSampler:
 
     Negatives are drawn without replacement from the first ``negative_depth`` candidates (all when 0); a query with
     fewer candidates than needed repeats them in order (its group keeps the full size). The positive is drawn
-    uniformly among the query's positives. With ``teachers`` (one per training set, or ``None``), every group carries
-    the teacher's score of each passage.
+    uniformly among the query's positives; with ``positives_per_query`` (one count per training set, 0 = all
+    positives), a query gives that many groups per epoch, each with a different positive (drawn without replacement),
+    so data with many graded positives per query (NFCorpus: about 45) is not reduced to one pair per query and epoch.
+    With ``teachers`` (one per training set, or ``None``), every group carries the teacher's score of each passage.
     """
 
     def __init__(self, training_sets: Sequence[TrainingSet], group_size: int, seed: int,
                  teachers: Sequence[TeacherScores | None] | None = None, negative_depth: int = 0,
-                 queries_per_epoch: Sequence[int] = ()) -> None:
+                 queries_per_epoch: Sequence[int] = (), positives_per_query: Sequence[int] = ()) -> None:
         if group_size < 2:
             raise TrainingDataError(f"group_size={group_size} is invalid: expected >= 2 (one positive + negatives)")
         if not training_sets:
@@ -272,6 +274,17 @@ class GroupSampler:
         if len(caps) != len(training_sets) or any(c < 0 for c in caps):
             raise TrainingDataError(f"queries_per_epoch={list(queries_per_epoch)} is invalid: expected one count "
                                     f">= 0 per training set ({len(training_sets)}; 0 = all queries)")
+        per_query = list(positives_per_query) or [1] * len(training_sets)
+        if len(per_query) != len(training_sets) or any(k < 0 for k in per_query):
+            raise TrainingDataError(f"positives_per_query={list(positives_per_query)} is invalid: expected one count "
+                                    f">= 0 per training set ({len(training_sets)}; 0 = every positive)")
+        clash = [s for s, (k, c) in enumerate(zip(per_query, caps, strict=True)) if k != 1 and 0 < c < len(
+            training_sets[s].queries)]
+        if clash:
+            raise TrainingDataError(f"training set {training_sets[clash[0]].root} has both queries_per_epoch="
+                                    f"{caps[clash[0]]} and positives_per_query={per_query[clash[0]]}: expected one "
+                                    "of them (a cap with several positives per query would vary the epoch's size)")
+        self.positives_per_query = per_query
         self.training_sets, self.teachers = list(training_sets), teachers
         self.group_size, self.seed, self.negative_depth = group_size, seed, negative_depth
         self.caps = [c if 0 < c < len(ts.queries) else 0 for c, ts in zip(caps, self.training_sets, strict=True)]
@@ -284,8 +297,14 @@ class GroupSampler:
         return self.teachers[0] is not None
 
     def __len__(self) -> int:
-        """Groups per epoch (a capped training set contributes its cap)."""
-        return sum(c or len(ts.queries) for c, ts in zip(self.caps, self.training_sets, strict=True))
+        """Groups per epoch (a capped training set contributes its cap, an uncapped one its queries' positives
+        used); every epoch has this many."""
+        return sum(c or sum(self._positives_used(s, q) for q in ts.queries)
+                   for s, (c, ts) in enumerate(zip(self.caps, self.training_sets, strict=True)))
+
+    def _positives_used(self, set_index: int, query: TrainingQuery) -> int:
+        k = self.positives_per_query[set_index]
+        return len(query.positives) if k == 0 else min(k, len(query.positives))
 
     def epoch(self, epoch: int) -> list[Group]:
         """The groups of ``epoch``, shuffled; the same for every call with the same seed and epoch. A capped
@@ -298,13 +317,20 @@ class GroupSampler:
                 order += rng.sample(range(start, start + len(ts.queries)), self.caps[s])
             start += len(ts.queries)
         order.sort()
-        rng.shuffle(order)
-        return [self._group(self._items[i], rng) for i in order]
+        work: list[tuple[int, str]] = []
+        for i in order:
+            set_index, query = self._items[i]
+            ranked = sorted(query.positives)
+            if self.positives_per_query[set_index] == 1:
+                work.append((i, rng.choice(ranked)))
+            else:
+                work += [(i, p) for p in rng.sample(ranked, self._positives_used(set_index, query))]
+        rng.shuffle(work)
+        return [self._group(self._items[i], positive, rng) for i, positive in work]
 
-    def _group(self, item: tuple[int, TrainingQuery], rng: random.Random) -> Group:
+    def _group(self, item: tuple[int, TrainingQuery], positive: str, rng: random.Random) -> Group:
         set_index, query = item
         training_set, teacher = self.training_sets[set_index], self.teachers[set_index]
-        positive = rng.choice(sorted(query.positives))
         pool = list(query.candidates[: self.negative_depth] if self.negative_depth > 0 else query.candidates)
         need = self.group_size - 1
         negatives = rng.sample(pool, need) if len(pool) >= need else [pool[i % len(pool)] for i in range(need)]

@@ -104,12 +104,15 @@ class LayerwiseReranker(nn.Module):
               compress_ratios: tuple[int, ...] | list[int] = (), compress_method: str = "mean",
               max_length: int = 256, query_length: int = 32,
               inference_compression: Compression | dict[str, int] | None = None, adapter_hidden: int = 64,
-              gguf_file: str | None = None, seed: int = 0, name: str | None = None) -> LayerwiseReranker:
+              gguf_file: str | None = None, seed: int = 0, name: str | None = None, readout: str = "token"
+              ) -> LayerwiseReranker:
         """A new reranker on the base model in ``base_model_dir`` (HF folder, or a folder with one GGUF file).
 
         ``exits``: ascending 1-based layers ending at the last layer. When omitted: every layer from
         ``start_layer`` on if given, otherwise the thirds ``[L//3, 2L//3, L]``. Heads are seeded with ``seed``.
-        ``name`` is recorded as ``config.base_model`` (default: the folder's name).
+        ``name`` is recorded as ``config.base_model`` (default: the folder's name). ``readout``: what the heads read,
+        ``"token"`` ([CLS] / the last token) or, for encoders, ``"mean"`` (the masked mean of the pair's tokens:
+        [CLS] barely depends on the pair in the first layers of a mean-pooled bi-encoder such as all-MiniLM-L6-v2).
         """
         from matryoshka.training.loading import default_exits, load_base
 
@@ -123,7 +126,7 @@ class LayerwiseReranker(nn.Module):
             backbone_config=base.backbone_config_dict(), compress_layers=tuple(compress_layers),
             compress_ratios=tuple(compress_ratios), compress_method=compress_method,
             inference_compression=inference_compression, yes_token_id=base.yes_token_id,
-            adapter_hidden=adapter_hidden, versions=package_versions())
+            adapter_hidden=adapter_hidden, readout=readout, versions=package_versions())
         if config.family == "decoder":
             window = getattr(base.hf_config, "sliding_window", None)
             if window is not None and max_length > int(window):
@@ -272,7 +275,11 @@ class LayerwiseReranker(nn.Module):
         return run(hidden)
 
     def exit_hidden(self, state: State) -> Tensor:
-        """The ``[B, H]`` vector the exit heads read ([CLS], or the final norm of the last token)."""
+        """The ``[B, H]`` vector the exit heads read ([CLS], or the final norm of the last token; with readout
+        ``"mean"`` the mean of the hidden states over ``attention_mask``)."""
+        if self.config.readout == "mean":
+            weights = state.attention_mask.to(state.hidden_states.dtype).unsqueeze(-1)
+            return (state.hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
         return self.adapter.exit_hidden(self.backbone, state.hidden_states)
 
     def exit_score(self, state: State, exit_layer: int, calibrated: bool = True) -> Tensor:

@@ -114,7 +114,7 @@ class Trainer:
         return LayerwiseReranker.build(
             m.base_model, exits=m.exits or None, compress_layers=tuple(m.compress_layers),
             compress_ratios=tuple(m.compress_ratios), compress_method=m.compress_method, max_length=m.max_length,
-            query_length=m.query_length, gguf_file=m.gguf_file, seed=m.head_seed)
+            query_length=m.query_length, gguf_file=m.gguf_file, seed=m.head_seed, readout=m.readout)
 
     def _trainable_parameters(self) -> list[nn.Parameter]:
         from matryoshka.training.compensation import freeze_for_compensation
@@ -140,7 +140,8 @@ class Trainer:
                 scores = read_teacher_scores(path)
                 _check_teacher(training_set, scores, path)
                 teachers.append(scores)
-        return GroupSampler(sets, d.group_size, self.args.seed, teachers, d.negative_depth, d.queries_per_epoch)
+        return GroupSampler(sets, d.group_size, self.args.seed, teachers, d.negative_depth, d.queries_per_epoch,
+                            d.positives_per_query)
 
     def _optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         a = self.args
