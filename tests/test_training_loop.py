@@ -91,12 +91,14 @@ def test_phases_and_json_arguments(setup: dict[str, Path]) -> None:
               "train_sets": [str(setup["data"])], "teacher_files": [str(setup["teacher"])], "group_size": 4,
               "per_device_batch_size": 4, "learning_rate": 1e-3, "device": "cpu", "num_epochs": 3,
               "phase": "layerwise_ce", "output_dir": str(root / "ce"), "freeze_word_embeddings": True,
-              "bf16": True, "gradient_checkpointing": True}
+              "bf16": True, "gradient_checkpointing": True, "readout": "mean", "positives_per_query": [2]}
     (root / "ce.json").write_text(json.dumps(config))
     subprocess.run([sys.executable, "-m", "matryoshka.training", str(root / "ce.json")], check=True,
                    capture_output=True, text=True)
     log = [json.loads(line) for line in (root / "ce" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 6 and {"ce/2", "ce/4", "teacher/2"} <= set(log[-1]["terms"])
+    saved = json.loads((root / "ce" / "model" / "matryoshka_config.json").read_text())
+    assert saved["readout"] == "mean"
     base = weights(root / "ce" / "model")
     from matryoshka.training.modeling import LayerwiseReranker
 
@@ -127,3 +129,5 @@ def test_bad_training_inputs(setup: dict[str, Path], tmp_path: Path) -> None:
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("error: ") and "t.tsv" in last and "no teacher score" in last
     assert not (tmp_path / "y").exists()
+    proc = train(setup, tmp_path / "z", "--positives_per_query", "1", "2", check=False)
+    assert proc.returncode == 2 and "positives_per_query=[1, 2]" in proc.stderr and not (tmp_path / "z").exists()
