@@ -278,16 +278,15 @@ class GroupSampler:
         if len(per_query) != len(training_sets) or any(k < 0 for k in per_query):
             raise TrainingDataError(f"positives_per_query={list(positives_per_query)} is invalid: expected one count "
                                     f">= 0 per training set ({len(training_sets)}; 0 = every positive)")
-        clash = [s for s, (k, c) in enumerate(zip(per_query, caps, strict=True)) if k != 1 and 0 < c < len(
-            training_sets[s].queries)]
+        self.training_sets, self.teachers = list(training_sets), teachers
+        self.group_size, self.seed, self.negative_depth = group_size, seed, negative_depth
+        self.caps = [c if 0 < c < len(ts.queries) else 0 for c, ts in zip(caps, self.training_sets, strict=True)]
+        clash = [s for s, (k, c) in enumerate(zip(per_query, self.caps, strict=True)) if k != 1 and c]
         if clash:
             raise TrainingDataError(f"training set {training_sets[clash[0]].root} has both queries_per_epoch="
                                     f"{caps[clash[0]]} and positives_per_query={per_query[clash[0]]}: expected one "
                                     "of them (a cap with several positives per query would vary the epoch's size)")
         self.positives_per_query = per_query
-        self.training_sets, self.teachers = list(training_sets), teachers
-        self.group_size, self.seed, self.negative_depth = group_size, seed, negative_depth
-        self.caps = [c if 0 < c < len(ts.queries) else 0 for c, ts in zip(caps, self.training_sets, strict=True)]
         self._items = [(s, q) for s, ts in enumerate(self.training_sets) for q in ts.queries]
         if not self._items:
             raise TrainingDataError("the training sets have no queries")
