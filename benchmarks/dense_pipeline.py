@@ -10,9 +10,12 @@ default model with its manifest's tuned policy, threshold and first-stage weight
 ``pyserini.eval.trec_eval``. Cascade rows add the plugin's ``--matryoshka.stats``: mean layers per candidate and
 the relative layer cost (1.0 = every candidate ran every layer).
 
-- Fine-tuned model: ``python -m matryoshka.training.dense`` with ``--train-args`` (distillation from the BM25 +
-  base-model cosine fusion teacher of ``matryoshka.training.teacher``), then the checkpoint with the best nDCG@10 on
-  NFCorpus *dev* (``python -m matryoshka.training.dense.select``; never on test), or ``--fine-tuned DIR``.
+- Fine-tuned model: ``python -m matryoshka.training.dense`` with ``--train-args``, then the checkpoint with the best
+  nDCG@10 on NFCorpus *dev* (``python -m matryoshka.training.dense.select``; never on test), or ``--fine-tuned DIR``.
+  The default is query-side fine-tuning (``--mode corpus``): the passage encoder stays all-MiniLM-L6-v2, each
+  training query is scored against every document of its corpus's off-the-shelf index (``--passage_indexes``, built
+  here), and the graded positives are the target. With another ``--mode`` the trainer gets the BM25 + cosine fusion
+  teacher files of ``matryoshka.training.teacher`` instead.
 - Hybrid: ``alpha * BM25 + cosine`` over the top ``--hits`` of each. Pyserini's ``--normalization`` is not used: it
   divides by ``max - min`` of each hit list and crashes (ZeroDivisionError) when BM25 returns a single hit for a
   query (13 NFCorpus test queries). ``alpha`` is picked from ``--alpha-grid`` on NFCorpus dev with the off-the-shelf
@@ -46,10 +49,9 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
 logger = logging.getLogger("dense_pipeline")
 
-TRAIN_ARGS = ("--num_epochs 1 --queries_per_epoch 500 500 --per_device_batch_size 16 --group_size 4 "
-              "--negative_depth 30 --learning_rate 1e-5 --warmup_ratio 0.1 --similarity_temperature 0.05 "
-              "--temperature 0.05 --teacher_weight 2.0 --passage_max_length 96 --query_max_length 32 "
-              "--logging_steps 3 --save_steps 21 --keep_checkpoints 3 --stop_after_steps 42")
+TRAIN_ARGS = ("--mode corpus --num_epochs 4 --per_device_batch_size 32 --group_size 2 --learning_rate 1e-4 "
+              "--warmup_ratio 0.1 --similarity_temperature 0.05 --query_max_length 128 --passage_max_length 256 "
+              "--logging_steps 10 --save_steps 50 --keep_checkpoints 8")
 
 
 def default_minilm() -> Path:
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=[REPO / "runs" / "train" / "scifact-train", REPO / "runs" / "train" / "nfcorpus-train"],
                    help="training-set folders (mined with matryoshka.training.mining when missing)")
     p.add_argument("--train-args", default=TRAIN_ARGS, help="flags of python -m matryoshka.training.dense")
-    p.add_argument("--name", default="minilm-dense-kd2", help="folder of the fine-tuning run in --work")
+    p.add_argument("--name", default="minilm-dense-query", help="folder of the fine-tuning run in --work")
     p.add_argument("--fine-tuned", type=Path, default=None, help="use this dense model instead of training one")
     p.add_argument("--select-on", default="nfcorpus:dev", help="dataset:split on which checkpoints and alpha are "
                    "picked (never test)")
@@ -100,6 +102,13 @@ def run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").replace("\r", "\n").splitlines()[-15:])
         raise SystemExit(f"command failed ({code}): {shlex.join(cmd)}\n{tail}")
     logger.info("  done in %.0f s", time.time() - start)
+
+
+def corpus_mode(train_args: str) -> bool:
+    """Whether the trainer flags ask for query-side fine-tuning (``--mode corpus``)."""
+    words = shlex.split(train_args)
+    return any(w == "--mode" and words[i + 1:i + 2] == ["corpus"] for i, w in enumerate(words)) or \
+        "--mode=corpus" in words
 
 
 def digest(path: Path, n: int = 8) -> str:
@@ -143,6 +152,12 @@ class Pipeline:
                     out, "--max_length", self.args.max_length, "--batch_size", 32, "--overwrite")
         return json.loads((out / "dense_index.json").read_text(encoding="utf-8"))["search_flags"]
 
+    def base_index(self, name: str) -> Path:
+        """The off-the-shelf model's Faiss index of dataset ``name`` (built when missing)."""
+        index = self.args.work / "faiss" / f"{name}-off-the-shelf"
+        self.encode(self.args.base_model, True, dataset_dir(name), index)
+        return index
+
     def teachers(self) -> list[str]:
         """Fusion teacher files (BM25 + the base model's cosine, ``matryoshka.training.teacher``), one per set."""
         files = []
@@ -174,14 +189,18 @@ class Pipeline:
                     self.py("-m", "matryoshka.training.mining", "--data_dir", dataset_dir(name), "--split", split,
                             "--output", folder, "--depth", 100, "--score_depth", 1000, "--work_dir",
                             a.work / "pyserini")
+            if corpus_mode(a.train_args):  # query-side: each set's corpus encoded by the (frozen) base model
+                extra = ["--passage_indexes", *(self.base_index(folder.name.rsplit("-", 1)[0])
+                                                for folder in a.train_sets)]
+            else:
+                extra = ["--teacher_files", *self.teachers()]
             self.py("-m", "matryoshka.training.dense", "--base_model", a.base_model, "--pooling", "mean",
-                    "--normalize", "--train_sets", *a.train_sets, "--teacher_files", *self.teachers(),
-                    *shlex.split(a.train_args), "--output_dir", out, "--overwrite_output_dir")
+                    "--normalize", "--train_sets", *a.train_sets, *extra, *shlex.split(a.train_args), "--output_dir",
+                    out, "--overwrite_output_dir")
             return self.fine_tuned()
         name, split = a.select_on.split(":")
         data = dataset_dir(name)
-        base_index = a.work / "faiss" / f"{name}-off-the-shelf"
-        self.encode(a.base_model, True, data, base_index)
+        base_index = self.base_index(name)
         self.py("-m", "matryoshka.training.dense.select", "--data", data, "--split", split, "--base", a.base_model,
                 "--base_index", base_index, "--candidates", *candidates, *(["--soups", *a.soups] if a.soups else []),
                 "--max_length", a.max_length, "--threads", a.threads, "--output", summary_file, "--save_best",
@@ -348,8 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {name: pipe.dataset_rows(name, models, alpha) for name in args.datasets}
     (args.work / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     dev = {k: v["nDCG@10"] for k, v in selection.get("results", {}).items()}
+    recipe = ("query-side fine-tuning: the passage encoder stays all-MiniLM-L6-v2 and each training query is scored "
+              "against every document of its corpus's off-the-shelf index, graded positives as the target"
+              if corpus_mode(args.train_args) else "in-batch contrastive + KL to the BM25 + cosine fusion teacher")
     notes = [f"Fine-tuned: all-MiniLM-L6-v2 trained with `python -m matryoshka.training.dense` {args.train_args} "
-             f"(in-batch contrastive + KL to the BM25 + cosine fusion teacher), model selected on {args.select_on}: "
+             f"({recipe}), model selected on {args.select_on}: "
              f"{selection.get('best', selection)}" + (f" (nDCG@10 there: {json.dumps(dev)})" if dev else ""),
              f"Hybrid: `pyserini.search.hybrid` score = {alpha:g} * BM25 + cosine, no `--normalization`; alpha picked "
              f"on {args.select_on} from {alpha_info.get('ndcg10', alpha_info)}."]

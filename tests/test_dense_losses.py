@@ -1,4 +1,5 @@
-"""Bi-encoder losses on hand-made embeddings: InfoNCE (normal / custom), false-negative mask, KL distillation."""
+"""Bi-encoder losses on hand-made embeddings: InfoNCE (normal / custom), false-negative mask, KL distillation, the
+corpus-mode softmax over a fixed index with graded targets."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from matryoshka.training.dense.config import DenseConfigError, TrainingMode
-from matryoshka.training.dense.losses import DenseObjective, contrastive_loss, distill_loss, group_scores
+from matryoshka.training.dense.corpus import PassageIndex
+from matryoshka.training.dense.losses import DenseObjective, contrastive_loss, corpus_loss, distill_loss, group_scores
 
 
 def logsumexp(values: list[float]) -> float:
@@ -74,3 +76,18 @@ def test_shape_mismatches_are_clear_errors() -> None:
         contrastive_loss(Q, P[:3], 2, 1.0, TrainingMode.NORMAL)
     with pytest.raises(DenseConfigError, match="one teacher score per passage"):
         distill_loss(torch.zeros(2, 2), torch.zeros(2, 3))
+
+
+def test_corpus_loss_is_soft_cross_entropy_over_every_document() -> None:
+    index = PassageIndex(None, ["a", "b", "c", "d"], {"a": 0, "b": 1, "c": 2, "d": 3}, P)  # type: ignore[arg-type]
+    targets = index.targets([{"b": 2, "d": 1}, {"c": 1}])
+    # grade 2 weighs 2**2 - 1 = 3, grade 1 weighs 1
+    assert targets.tolist() == [[0.0, 0.75, 0.0, 0.25], [0.0, 0.0, 1.0, 0.0]]
+    temperature = 0.5
+    losses = corpus_loss(Q, P, targets, temperature)
+    s0 = [0.8 / temperature, 0.3 / temperature, 0.2 / temperature, 0.6 / temperature]
+    s1 = [0.1 / temperature, 0.5 / temperature, 0.9 / temperature, 0.4 / temperature]
+    expected0 = 0.75 * (logsumexp(s0) - s0[1]) + 0.25 * (logsumexp(s0) - s0[3])
+    assert losses.tolist() == pytest.approx([expected0, logsumexp(s1) - s1[2]], rel=1e-6)
+    with pytest.raises(DenseConfigError, match=r"expected \[n, H\], \[N, H\] and \[n, N\]"):
+        corpus_loss(Q, P, targets[:, :3], temperature)

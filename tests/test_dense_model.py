@@ -119,3 +119,30 @@ def test_bad_model_folders_and_configs(tmp_path: Path, bert_dir: Path) -> None:
     (tmp_path / "dense_config.json").write_text('{"pooling": "mean", "normalize": true, "temperature": -1}')
     with pytest.raises(DataFormatError, match="temperature=-1 is invalid"):
         DenseConfig.load(tmp_path)
+
+
+def test_corpus_mode_keeps_a_frozen_passage_encoder(bert_dir: Path, tmp_path: Path) -> None:
+    """Query-side fine-tuning: the passage encoder is the base model, outside the module's parameters, saved as a
+    plain subfolder; a model with one continues only in corpus mode."""
+    model = BiEncoder.build(bert_dir, pooling="mean", normalize=True, mode="corpus", passage_max_length=32)
+    base = BiEncoder.build(bert_dir, pooling="mean", normalize=True, passage_max_length=32)
+    assert model.config.passage_encoder == "passage_encoder" and model.passage_source == bert_dir
+    assert set(model.state_dict()) == set(base.state_dict())  # no passage-encoder entries in checkpoints
+    with torch.no_grad():
+        weight = model.backbone.embeddings.word_embeddings.weight
+        weight.add_(0.5 * torch.randn_like(weight))
+    texts = TEXTS[1:]
+    assert torch.allclose(model.encode_texts(texts, "passage"), base.encode_texts(texts, "passage"), atol=1e-6)
+    assert not torch.allclose(model.encode_texts(texts, "query"), base.encode_texts(texts, "query"), atol=1e-3)
+    assert not any(p.requires_grad for p in model.passage_model().parameters())
+    model.save(tmp_path / "saved")
+    again = BiEncoder.build(tmp_path / "saved", mode="corpus")  # continuing: the subfolder stays the passage side
+    assert again.passage_source == tmp_path / "saved" / "passage_encoder"
+    assert torch.allclose(again.encode_texts(texts, "passage"), base.encode_texts(texts, "passage"), atol=1e-6)
+    with pytest.raises(DenseConfigError, match="expected mode=corpus"):
+        BiEncoder.build(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "dense_config.json").read_text())
+    config["passage_encoder"] = "elsewhere"
+    (tmp_path / "saved" / "dense_config.json").write_text(json.dumps(config))
+    with pytest.raises(DataFormatError, match="passage_encoder='elsewhere' is invalid"):
+        BiEncoder.load(tmp_path / "saved")

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from matryoshka.training.dense.modeling import BiEncoder
 from matryoshka.training.dense.select import main, ndcg_at, recall_at, soup
-from matryoshka.training.dense.testing import make_tiny_beir, make_tiny_dense_base
+from matryoshka.training.dense.testing import make_tiny_beir, make_tiny_dense_base, write_flat_index
 
 
 def test_ndcg_and_recall_by_hand() -> None:
@@ -71,3 +71,33 @@ def test_select_refuses_test_split_and_bad_soups(setup: tuple[Path, Path, Path],
     assert "between 0 and 1" in capsys.readouterr().err
     assert main([*common, "--candidates", str(base)]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_corpus_mode_candidate_reuses_the_base_index(setup: tuple[Path, Path, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A query-side fine-tune (frozen passage encoder = the base) is scored on the base model's document vectors:
+    no document is encoded again, and the saved best keeps its passage encoder."""
+    data, base, _ = setup
+    model = BiEncoder.build(base, pooling="mean", normalize=True, passage_max_length=32, mode="corpus")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save(tmp_path / "query-side")
+    index = write_flat_index(tmp_path / "index", base)
+    encoded: list[str] = []
+    original = BiEncoder.encode_texts
+
+    def counting(self: BiEncoder, texts: list[str], kind: str, batch_size: int = 32) -> torch.Tensor:
+        encoded.append(kind)
+        return original(self, texts, kind, batch_size)
+
+    monkeypatch.setattr(BiEncoder, "encode_texts", counting)
+    out, best = tmp_path / "sel.json", tmp_path / "best"
+    assert main(["--data", str(data), "--split", "dev", "--base", str(base), "--base_index", str(index),
+                 "--candidates", str(tmp_path / "query-side"), "--max_length", "32", "--output", str(out),
+                 "--save_best", str(best)]) == 0
+    assert "passage" not in encoded and encoded.count("query") == 2
+    summary = json.loads(out.read_text())
+    assert summary["best"] == str(tmp_path / "query-side")
+    reloaded = BiEncoder.load(best)
+    assert reloaded.config.passage_encoder == "passage_encoder" and (best / "passage_encoder" / "config.json").is_file()

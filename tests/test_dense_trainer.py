@@ -1,5 +1,6 @@
 """The bi-encoder trainer CLI on a tiny model: resume replays an uninterrupted run exactly, distillation and custom
-mode, a saved model that loads, and bad input (one-line errors, exit status 2, no partial output)."""
+mode, corpus mode (query-side fine-tuning against a fixed index), a saved model that loads, and bad input
+(one-line errors, exit status 2, no partial output)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from matryoshka.training.dense.testing import make_tiny_beir, make_tiny_dense_base, make_tiny_training_set
+from matryoshka.errors import MissingInputError
+from matryoshka.training.dense.testing import (
+    make_tiny_beir,
+    make_tiny_dense_base,
+    make_tiny_training_set,
+    tiny_corpus,
+    write_flat_index,
+)
 
 
 def train(*args: object, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -102,3 +110,90 @@ def test_encoder_cli_bad_input_leaves_no_output(tiny: dict[str, Path], tmp_path:
                              "--output", out))
     assert "corpus file not found" in line
     assert not out.exists() and not list(tmp_path.glob(".faiss*"))
+
+
+@pytest.fixture(scope="module")
+def corpus_mode(tiny: dict[str, Path]) -> dict[str, Path]:
+    """A dropout-free base (so the first logged loss is exactly the base model's) and a Faiss index made with it."""
+    root = tiny["root"] / "corpus-mode"
+    base = make_tiny_dense_base(root / "base", "bert", dropout=0.0)
+    return {"base": base, "index": write_flat_index(root / "index", base)}
+
+
+def test_corpus_mode_trains_the_query_encoder_against_the_fixed_index(tiny: dict[str, Path],
+                                                                      corpus_mode: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    import torch
+
+    from matryoshka.training.dense.corpus import read_faiss_vectors
+    from matryoshka.training.dense.losses import corpus_loss
+    from matryoshka.training.dense.modeling import BiEncoder
+    from matryoshka.training.dense.pyserini_args import EncodingSpec
+    from matryoshka.training.dense.testing import tiny_queries
+
+    base, index = corpus_mode["base"], corpus_mode["index"]
+    proc = train("--base_model", base, "--normalize", "--mode", "corpus", "--passage_indexes", index,
+                 "--train_sets", tiny["train"], "--group_size", 2, "--per_device_batch_size", 16, "--num_epochs", 4,
+                 "--learning_rate", 1e-3, "--warmup_ratio", 0, "--similarity_temperature", 0.1, "--logging_steps", 1,
+                 "--passage_max_length", 32, "--output_dir", tmp_path / "out")
+    assert "ce/corpus" in proc.stdout
+    logs = [json.loads(x) for x in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4]
+    # step 1's loss is computed before any update: the base model's softmax over all 24 documents
+    start = BiEncoder.build(base, pooling="mean", normalize=True)
+    queries = tiny_queries(16)
+    docids, vectors = read_faiss_vectors(index)
+    targets = torch.zeros(16, len(docids))
+    for i, query in enumerate(queries):
+        targets[i, docids.index(next(iter(query.positives)))] = 1.0
+    expected = corpus_loss(start.encode_texts([q.query for q in queries], "query"), vectors, targets, 0.1).mean()
+    assert logs[0]["loss"] == pytest.approx(float(expected), rel=1e-4)
+    assert logs[0]["terms"]["ce/corpus"] == logs[0]["loss"]
+    assert logs[-1]["loss"] < logs[0]["loss"]
+
+    model_dir = tmp_path / "out" / "model"
+    saved = json.loads((model_dir / "dense_config.json").read_text())
+    assert (saved["mode"], saved["passage_encoder"]) == ("corpus", "passage_encoder")
+    tuned = BiEncoder.load(model_dir)
+    frozen, trained = tuned.passage_model().backbone.state_dict(), tuned.backbone.state_dict()
+    original = start.backbone.state_dict()
+    assert all(torch.equal(frozen[k], original[k]) for k in original)
+    assert not torch.equal(trained["embeddings.word_embeddings.weight"], original["embeddings.word_embeddings.weight"])
+    # documents are encoded by the frozen encoder: the index still matches; queries by the trained one
+    contents = [d.contents for d in tiny_corpus().values()]
+    assert torch.allclose(tuned.encode_texts(contents, "passage"), vectors, atol=1e-5)
+    assert not torch.allclose(tuned.encode_texts(["a b"], "query"), start.encode_texts(["a b"], "query"), atol=1e-3)
+    spec = EncodingSpec.from_folder(model_dir)
+    assert spec.encode_flags(8, "cpu")[:2] == ["--encoder", str(model_dir.resolve() / "passage_encoder")]
+    assert spec.search_flags()[:4] == ["--encoder-class", "auto", "--encoder", str(model_dir.resolve())]
+    shutil.rmtree(model_dir / "passage_encoder")
+    with pytest.raises(MissingInputError, match="frozen passage encoder"):
+        EncodingSpec.from_folder(model_dir)
+    with pytest.raises(MissingInputError, match="frozen passage encoder"):
+        BiEncoder.load(model_dir)
+
+
+def test_corpus_mode_bad_input(tiny: dict[str, Path], corpus_mode: dict[str, Path], tmp_path: Path) -> None:
+    base, index = corpus_mode["base"], corpus_mode["index"]
+    common = ["--base_model", base, "--normalize", "--train_sets", tiny["train"], "--group_size", 2,
+              "--output_dir", tmp_path / "out"]
+    line = last_error(train(*common, "--mode", "corpus", check=False))
+    assert "passage_indexes=[] is invalid" in line
+    line = last_error(train(*common, "--passage_indexes", index, check=False))
+    assert "none outside corpus mode" in line
+    line = last_error(train(*common, "--mode", "corpus", "--passage_indexes", index, index, check=False))
+    assert "one Faiss index folder per training set (1)" in line
+    line = last_error(train(*common, "--mode", "corpus", "--passage_indexes", index, "--teacher_files",
+                            tiny["teacher"], check=False))
+    assert "none in corpus mode" in line
+    corpus = tiny_corpus()
+    del corpus["d3"]  # the positive of q3
+    partial = write_flat_index(tmp_path / "partial", base, corpus)
+    line = last_error(train(*common, "--mode", "corpus", "--passage_indexes", partial, check=False))
+    assert "1 positives of training set" in line and "'d3'" in line and str(partial / "docid") in line
+    other = write_flat_index(tmp_path / "other", base, prefix="red")  # documents encoded with a passage prefix
+    line = last_error(train(*common, "--mode", "corpus", "--passage_indexes", other, check=False))
+    assert "differ from the passage encoder's" in line and str(other / "index") in line
+    line = last_error(train(*common, "--mode", "corpus", "--passage_indexes", tmp_path / "missing", check=False))
+    assert "Faiss index folder not found" in line
+    assert not (tmp_path / "out" / "model").exists()

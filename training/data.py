@@ -244,6 +244,7 @@ class Group:
     passages: tuple[str, ...]
     labels: tuple[int, ...]
     teacher: tuple[float, ...] | None
+    source: int = 0  # index of the training set the query comes from
 
 
 class GroupSampler:
@@ -344,7 +345,7 @@ class GroupSampler:
             except KeyError as exc:
                 raise TrainingDataError(f"no teacher score for query {query.qid!r} document {exc.args[0]!r} "
                                         f"(training set {training_set.root})") from None
-        return Group(query.qid, query.query, docids, passages, labels, scores)
+        return Group(query.qid, query.query, docids, passages, labels, scores, set_index)
 
 
 def shard(groups: Sequence[Group], rank: int, world_size: int, per_rank_batch: int) -> list[list[Group]]:

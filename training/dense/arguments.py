@@ -22,9 +22,13 @@ class DenseArguments:
     similarity_temperature: float = field(default=0.05, metadata={
         "help": "scores = similarity / T in the contrastive loss (0.02-0.05 with --normalize; 1 without)"})
     mode: TrainingMode = field(default=TrainingMode.NORMAL, metadata={
-        "help": "normal: in-batch negatives; custom: each query against its own group only"})
+        "help": "normal: in-batch negatives; custom: each query against its own group only; corpus: query-side "
+                "fine-tuning against --passage_indexes (the passage encoder stays frozen)"})
     negatives_cross_device: bool = field(default=False, metadata={
         "help": "normal mode under DDP: score queries against every rank's passages (all-gather with gradients)"})
+    passage_indexes: list[str] = field(default_factory=list, metadata={
+        "help": "corpus mode: one Faiss index folder per training set, made with the base model (the frozen passage "
+                "encoder); each query is scored against all of its documents"})
     sub_batch_size: int = field(default=0, metadata={"help": "encode in slices of this many texts (0 = off)"})
     query_prefix: str | None = field(default=None, metadata={"help": "query prefix / instruction ('' = none)"})
     passage_prefix: str | None = field(default=None, metadata={"help": "passage prefix ('' = none)"})
@@ -47,8 +51,15 @@ class DenseArguments:
         for name, ok, expected in checks:
             if not ok:
                 raise OptionError(name, getattr(self, name), expected)
-        if self.negatives_cross_device and self.mode is TrainingMode.CUSTOM:
-            raise OptionError("negatives_cross_device", True, "off in custom mode (a query only sees its own group)")
+        if self.negatives_cross_device and self.mode is not TrainingMode.NORMAL:
+            raise OptionError("negatives_cross_device", True, f"off in {self.mode.value} mode (only normal mode "
+                              "scores queries against the batch's passages)")
+        if self.mode is TrainingMode.CORPUS and not self.passage_indexes:
+            raise OptionError("passage_indexes", self.passage_indexes, "one Faiss index folder per training set in "
+                              "corpus mode (python -m matryoshka.training.dense.encode with the base model)")
+        if self.passage_indexes and self.mode is not TrainingMode.CORPUS:
+            raise OptionError("passage_indexes", self.passage_indexes, "none outside corpus mode (--mode corpus "
+                              "trains the query encoder against them)")
 
 
 def _values(enum: type[Enum]) -> list[str]:

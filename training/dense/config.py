@@ -2,7 +2,9 @@
 
 A saved dense model is a plain Hugging Face folder (``config.json``, ``model.safetensors``, tokenizer files) that
 ``transformers.AutoModel`` and Pyserini load directly, plus ``dense_config.json``: pooling, L2 normalisation, the
-query/passage prefixes (instructions), the maximum lengths, the training temperature and the package versions.
+query/passage prefixes (instructions), the maximum lengths, the training temperature and the package versions, and
+``passage_encoder``: ``""`` when queries and passages share the weights, ``"passage_encoder"`` when the model was
+trained in ``corpus`` mode (query-side fine-tuning) and its frozen passage encoder is that subfolder.
 
 Text formatting follows the Pyserini encoder class each pooling maps to, so the texts a model is trained on are the
 texts Pyserini encodes at search time:
@@ -28,6 +30,8 @@ from matryoshka.io import atomic_write
 
 logger = logging.getLogger(__name__)
 DENSE_CONFIG_FILE = "dense_config.json"
+#: subfolder of a dense model that holds its frozen passage encoder (``corpus`` mode), a plain Hugging Face folder
+PASSAGE_ENCODER_DIR = "passage_encoder"
 SCHEMA_VERSION = 1
 
 
@@ -45,10 +49,15 @@ class Pooling(StrEnum):
 
 class TrainingMode(StrEnum):
     """The seed's two modes: ``normal`` scores each query against every passage of the batch (in-batch and, with
-    cross-device negatives, every rank's passages); ``custom`` scores a query against its own group only."""
+    cross-device negatives, every rank's passages); ``custom`` scores a query against its own group only.
+
+    ``corpus`` is query-side fine-tuning: the passage encoder stays frozen (saved in the model's
+    ``passage_encoder/`` subfolder) and each query is scored against every document vector of a Faiss index made with
+    it (a softmax over the whole corpus, the graded positives as the target)."""
 
     NORMAL = "normal"
     CUSTOM = "custom"
+    CORPUS = "corpus"
 
 
 def parse_enum(enum: type[Enum], name: str, value: Any) -> Any:
@@ -85,6 +94,7 @@ class DenseConfig:
     model_type: str = ""
     base_model: str = ""
     hidden_size: int = 0
+    passage_encoder: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
@@ -99,11 +109,20 @@ class DenseConfig:
             raise DenseConfigError(f"temperature={self.temperature!r} is invalid: expected a number > 0")
         if not isinstance(self.query_prefix, str) or not isinstance(self.passage_prefix, str):
             raise DenseConfigError("query_prefix and passage_prefix must be strings (use '' for none)")
+        if self.passage_encoder not in ("", PASSAGE_ENCODER_DIR):
+            raise DenseConfigError(f"passage_encoder={self.passage_encoder!r} is invalid: expected '' (queries and "
+                                   f"passages share the weights) or {PASSAGE_ENCODER_DIR!r} (a frozen passage encoder "
+                                   "in that subfolder)")
 
     @property
     def compensation(self) -> None:
         """Bi-encoders have no per-exit score compensation (the shared trainer records this in its summary)."""
         return None
+
+    def passage_folder(self, folder: str | os.PathLike[str]) -> Path:
+        """The folder that encodes passages for the dense model saved in ``folder``: itself, or its frozen passage
+        encoder's subfolder."""
+        return Path(folder) / self.passage_encoder if self.passage_encoder else Path(folder)
 
     @property
     def pyserini_encoder_class(self) -> str:

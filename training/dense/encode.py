@@ -4,7 +4,9 @@
 directly with the flags this tool prints (and records in ``dense_index.json``).
 
 Each document is encoded as its ``title text`` (the same contents as the Lucene index and the training passages),
-with the model's passage prefix, pooling and normalisation (:mod:`matryoshka.training.dense.pyserini_args`).
+with the model's passage prefix, pooling and normalisation (:mod:`matryoshka.training.dense.pyserini_args`); a
+model trained in ``corpus`` mode (query-side fine-tuning) encodes the corpus with its frozen passage encoder
+(``<model>/passage_encoder``) and searches with its own folder.
 Pyserini's progress bar is shown while it runs; the index folder appears complete or not at all, and is checked
 (one vector per document, the model's dimension) before it does::
 
@@ -125,7 +127,8 @@ def encode_corpus(spec: EncodingSpec, corpus: PathLike, output: PathLike, batch_
                                           "output", "--embeddings", str(tmp), "--to-faiss",
                                           "encoder", *spec.encode_flags(batch_size, device)])
         check_faiss_index(tmp, docids, spec.dimension)
-        info = {"model": str(spec.model_dir), "corpus": str(Path(corpus).resolve()), "documents": len(docids),
+        info = {"model": str(spec.model_dir), "passage_encoder": str(spec.passage_dir or spec.model_dir),
+                "corpus": str(Path(corpus).resolve()), "documents": len(docids),
                 "dimension": spec.dimension, "pooling": spec.pooling.value, "normalize": spec.normalize,
                 "passage_prefix": spec.passage_prefix, "passage_max_length": spec.passage_max_length,
                 "search_flags": spec.search_flags()}

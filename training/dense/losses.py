@@ -11,6 +11,8 @@ of query ``i``), ``teacher`` ``[n, g]``.
 - ``custom`` mode: each query is scored against its own group only (no in-batch negatives).
 - Distillation: ``KL(softmax(teacher / T) || softmax(student))`` over each query's own group (positives and
   negatives), added with ``teacher_weight``.
+- ``corpus`` mode (query-side fine-tuning, :func:`corpus_loss`): each query against every document vector of a
+  fixed index, soft cross-entropy to a target distribution over the corpus (its graded positives).
 """
 
 from __future__ import annotations
@@ -113,6 +115,16 @@ def contrastive_loss(q: Tensor, p: Tensor, group_size: int, temperature: float, 
         mask[torch.arange(n, device=q.device), target] = False
         scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
     return F.cross_entropy(scores, target)
+
+
+def corpus_loss(q: Tensor, documents: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    """``[n]``: each query's cross-entropy ``-sum_d target[d] * log softmax(q @ documents.T / T)[d]`` over the whole
+    corpus (``documents`` ``[N, H]``, ``targets`` ``[n, N]`` rows summing to 1)."""
+    if documents.shape[1] != q.shape[1] or targets.shape != (q.shape[0], documents.shape[0]):
+        raise DenseConfigError(f"corpus loss got queries {tuple(q.shape)}, documents {tuple(documents.shape)} and "
+                               f"targets {tuple(targets.shape)}: expected [n, H], [N, H] and [n, N]")
+    logits = q.float() @ documents.float().T / temperature
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1)
 
 
 def distill_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:

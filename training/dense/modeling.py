@@ -8,8 +8,11 @@ passages into single vectors (last-token, mean or [CLS] pooling, optional L2 nor
   columns that are padding in all its rows.
 - Decoders get ``position_ids = cumsum(mask) - 1``, so a text's vector does not depend on the padding side.
 - ``save(dir)`` writes a plain Hugging Face folder (``config.json``, ``model.safetensors``, tokenizer files) plus
-  ``dense_config.json``, atomically; Pyserini and ``AutoModel`` load it as is. ``load_state_dict`` accepts both
-  this module's keys (``backbone.*``) and the saved file's keys, so the shared trainer's resume reads checkpoints.
+  ``dense_config.json``, atomically; Pyserini and ``AutoModel`` load it as is. A model trained in ``corpus`` mode
+  (query-side fine-tuning) also saves its frozen passage encoder, as a plain folder in ``passage_encoder/``:
+  the top folder encodes queries, the subfolder encodes documents (``encode_texts(..., "passage")`` uses it).
+  ``load_state_dict`` accepts both this module's keys (``backbone.*``) and the saved file's keys, so the shared
+  trainer's resume reads checkpoints.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import Tensor, nn
 
 from matryoshka.errors import MissingInputError
 from matryoshka.io import atomic_directory
-from matryoshka.training.dense.config import DenseConfig, DenseConfigError, Pooling, TrainingMode
+from matryoshka.training.dense.config import PASSAGE_ENCODER_DIR, DenseConfig, DenseConfigError, Pooling, TrainingMode
 from matryoshka.training.dense.pooling import decoder_position_ids, pool
 
 logger = logging.getLogger(__name__)
@@ -75,10 +78,15 @@ class BiEncoder(nn.Module):
     """See the module docstring. Build with :meth:`build` (from a base model) or :meth:`load` (a saved folder)."""
 
     def __init__(self, backbone: nn.Module, tokenizer: Any, config: DenseConfig, decoder: bool,
-                 sub_batch_size: int = 0) -> None:
+                 sub_batch_size: int = 0, passage_source: PathLike | None = None) -> None:
         super().__init__()
         self.backbone, self.tokenizer, self.config = backbone, tokenizer, config
         self.decoder, self.sub_batch_size = decoder, sub_batch_size
+        if bool(config.passage_encoder) != (passage_source is not None):
+            raise DenseConfigError("a frozen passage encoder needs both passage_encoder in the config and its folder")
+        # the frozen passage encoder's folder; kept out of the module tree (no parameters, no state_dict entries)
+        self.__dict__["passage_source"] = Path(passage_source) if passage_source is not None else None
+        self.__dict__["_passage_model"] = None
         accepted = inspect.signature(backbone.forward).parameters
         self._takes_positions = decoder and "position_ids" in accepted
         for name, parameter in backbone.named_parameters():
@@ -106,6 +114,14 @@ class BiEncoder(nn.Module):
         def pick(value: Any, key: str, default: Any) -> Any:
             return value if value is not None else (getattr(saved, key) if saved is not None else default)
 
+        mode = TrainingMode(mode)
+        frozen = saved is not None and bool(saved.passage_encoder)
+        if frozen and mode is not TrainingMode.CORPUS:
+            raise DenseConfigError(f"{folder} has a frozen passage encoder (it was trained in corpus mode): expected "
+                                   "mode=corpus to continue from it, or start from its base model")
+        passage_source = None
+        if mode is TrainingMode.CORPUS:
+            passage_source = saved.passage_folder(folder) if frozen else folder
         config = DenseConfig(
             pooling=pick(pooling, "pooling", Pooling.LAST if decoder else Pooling.MEAN),
             normalize=bool(pick(normalize, "normalize", False)), query_prefix=pick(query_prefix, "query_prefix", ""),
@@ -113,13 +129,14 @@ class BiEncoder(nn.Module):
             passage_max_length=passage_max_length, temperature=temperature, mode=mode,
             model_type=str(hf_config.model_type),
             base_model=saved.base_model if saved is not None and saved.base_model else folder.name,
-            hidden_size=int(getattr(hf_config, "hidden_size", 0) or 0))
+            hidden_size=int(getattr(hf_config, "hidden_size", 0) or 0),
+            passage_encoder=PASSAGE_ENCODER_DIR if passage_source is not None else "")
         _check_length(hf_config, config)
         backbone = AutoModel.from_pretrained(str(folder), dtype=torch.float32)
         tokenizer = load_hf_tokenizer(folder, hf_config, config.pooling)
         logger.info("bi-encoder from %s: %s pooling, normalize=%s, %s", folder, config.pooling.value,
                     config.normalize, "decoder" if decoder else "encoder")
-        return cls(backbone, tokenizer, config, decoder, sub_batch_size)
+        return cls(backbone, tokenizer, config, decoder, sub_batch_size, passage_source)
 
     @classmethod
     def load(cls, folder: PathLike, device: str | torch.device = "cpu", sub_batch_size: int = 0) -> BiEncoder:
@@ -131,7 +148,11 @@ class BiEncoder(nn.Module):
         hf_config = AutoConfig.from_pretrained(str(folder))
         backbone = AutoModel.from_pretrained(str(folder), dtype=torch.float32).to(device)
         tokenizer = load_hf_tokenizer(folder, hf_config, config.pooling)
-        return cls(backbone, tokenizer, config, is_decoder_config(hf_config), sub_batch_size)
+        passage_source = config.passage_folder(folder) if config.passage_encoder else None
+        if passage_source is not None and not (passage_source / "config.json").is_file():
+            raise MissingInputError(passage_source / "config.json", "frozen passage encoder",
+                                    "the model was trained in corpus mode: copy its whole folder, subfolders included")
+        return cls(backbone, tokenizer, config, is_decoder_config(hf_config), sub_batch_size, passage_source)
 
     def save(self, folder: PathLike, overwrite: bool = False) -> Path:
         from matryoshka.training.config import package_versions
@@ -141,7 +162,29 @@ class BiEncoder(nn.Module):
             self.backbone.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
             self.config.save(tmp)
+            if self.passage_source is not None:
+                passages = self.passage_model()
+                passages.backbone.save_pretrained(str(tmp / PASSAGE_ENCODER_DIR))
+                passages.tokenizer.save_pretrained(str(tmp / PASSAGE_ENCODER_DIR))
         return Path(folder)
+
+    def passage_model(self) -> BiEncoder:
+        """The model that encodes passages: this one, or (corpus mode) the frozen passage encoder, loaded once, in
+        eval mode and without gradients."""
+        if self.passage_source is None:
+            return self
+        if self._passage_model is None:
+            from transformers import AutoConfig, AutoModel
+
+            hf_config = AutoConfig.from_pretrained(str(self.passage_source))
+            backbone = AutoModel.from_pretrained(str(self.passage_source), dtype=torch.float32)
+            backbone.to(next(self.backbone.parameters()).device)
+            config = DenseConfig.from_dict({**self.config.to_dict(), "passage_encoder": ""})
+            model = BiEncoder(backbone, load_hf_tokenizer(self.passage_source, hf_config, config.pooling), config,
+                              self.decoder, self.sub_batch_size)
+            model.requires_grad_(False)
+            self.__dict__["_passage_model"] = model.eval()
+        return self._passage_model
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         if state_dict and not all(k.startswith(PREFIX) for k in state_dict):
@@ -182,12 +225,16 @@ class BiEncoder(nn.Module):
         vectors = pool(hidden, mask, self.config.pooling)
         return F.normalize(vectors.float(), dim=-1) if self.config.normalize else vectors
 
-    def forward(self, query: Mapping[str, Tensor], passage: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        return self.encode(query), self.encode(passage)
+    def forward(self, query: Mapping[str, Tensor], passage: Mapping[str, Tensor] | None = None
+                ) -> tuple[Tensor, Tensor | None]:
+        """Query and passage vectors (``None`` without passages: corpus mode reads them from an index)."""
+        return self.encode(query), (self.encode(passage) if passage is not None else None)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], kind: str, batch_size: int = 32) -> Tensor:
         """Inference helper: format (prefix), tokenise and encode raw texts; float32 ``[N, H]`` on the CPU."""
+        if kind == "passage" and self.passage_source is not None:
+            return self.passage_model().encode_texts(texts, kind, batch_size)
         fmt = self.config.query_text if kind == "query" else self.config.passage_text
         device = next(self.backbone.parameters()).device
         out = []

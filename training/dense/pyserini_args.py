@@ -15,6 +15,9 @@ Traps handled here: Pyserini also picks settings from words in the model *path* 
 would change the settings is refused; and its ``qwen3`` document encoder prepends the string ``"None"`` to every
 text when no ``--prefix`` is given, so an empty ``--prefix`` is always passed for it.
 
+A model trained in ``corpus`` mode (query-side fine-tuning) searches with its own folder and encodes the corpus with
+its frozen passage encoder (``<model>/passage_encoder``, :attr:`EncodingSpec.passage_dir`).
+
 Hybrid search (``pyserini.search.hybrid``) scores ``alpha * BM25 + dense`` over the top hits of each. Its
 ``--normalization`` option divides by ``max - min`` of each hit list and crashes (ZeroDivisionError) on any query
 for which BM25 returns a single hit (13 NFCorpus test queries), so it is off by default here; with cosine scores
@@ -50,6 +53,7 @@ class EncodingSpec:
     query_max_length: int
     passage_max_length: int
     dimension: int
+    passage_dir: Path | None = None  # the folder that encodes the corpus, when not model_dir (corpus mode)
 
     @classmethod
     def from_folder(cls, model_dir: PathLike, pooling: Pooling | str | None = None, normalize: bool = False,
@@ -76,8 +80,12 @@ class EncodingSpec:
                     raise OptionError(name, value, f"{own!r} as the model in {folder} was trained (or leave it out)")
             if normalize and not saved.normalize:
                 raise OptionError("normalize", True, f"off: the model in {folder} was trained without it")
+            passage_dir = saved.passage_folder(folder) if saved.passage_encoder else None
+            if passage_dir is not None and not (passage_dir / "config.json").is_file():
+                raise MissingInputError(passage_dir / "config.json", "frozen passage encoder",
+                                        "the model was trained in corpus mode: copy its whole folder")
             spec = cls(folder, saved.pooling, saved.normalize, saved.query_prefix, saved.passage_prefix,
-                       saved.query_max_length, passage_max_length or saved.passage_max_length, hidden)
+                       saved.query_max_length, passage_max_length or saved.passage_max_length, hidden, passage_dir)
         else:
             if pooling is None:
                 raise OptionError("pooling", None, f"one of {[p.value for p in Pooling]}: {folder} has no "
@@ -119,7 +127,8 @@ class EncodingSpec:
 
     def encode_flags(self, batch_size: int, device: str) -> list[str]:
         """The ``encoder`` part of ``python -m pyserini.encode``."""
-        flags = ["--encoder", str(self.model_dir), "--encoder-class", self.encoder_class, "--fields", "text",
+        flags = ["--encoder", str(self.passage_dir or self.model_dir), "--encoder-class", self.encoder_class,
+                 "--fields", "text",
                  "--batch-size", str(batch_size), "--max-length", str(self.passage_max_length),
                  "--dimension", str(self.dimension), "--device", device]
         if self.encoder_class == "auto":

@@ -6,7 +6,9 @@ nDCG@10 (graded gains, trec_eval's formula) and R@100. With ``--soups L ...`` ev
 weight-space interpolation with the base model, ``base + L * (candidate - base)`` (WiSE-FT / model soup: keeps the
 base model's general ranking while taking part of what fine-tuning learned). Documents are encoded as
 ``pyserini.encode`` does (``title text``, passage prefix, ``--max_length`` tokens), queries untruncated up to the
-model's own limit, as ``pyserini.search.faiss`` encodes them.
+model's own limit, as ``pyserini.search.faiss`` encodes them. A candidate trained in ``corpus`` mode (query-side
+fine-tuning) encodes documents with its frozen passage encoder; when that is the base model, the base model's
+document vectors are reused.
 
 The scores go to ``--output`` (JSON) and the best candidate that is not the base model to ``--save_best`` as a
 dense model folder (written atomically; the JSON says whether it beats the base model)::
@@ -51,19 +53,12 @@ def soup(base_state: dict, tuned_state: dict, weight: float) -> dict:
             for k, b in base_state.items()}
 
 
-def read_faiss_vectors(folder: Path) -> tuple[list[str], object]:
-    """(docids, ``[N, H]`` float32 tensor) of a flat Faiss index folder (``index`` + ``docid``)."""
-    import faiss
+def same_weights(a, b) -> bool:
+    """Whether two bi-encoders hold identical backbone weights (then their document vectors are the same)."""
     import torch
 
-    if not (folder / "index").is_file() or not (folder / "docid").is_file():
-        raise MissingInputError(folder / "index", "Faiss index folder", "--base_index must hold index + docid")
-    index = faiss.read_index(str(folder / "index"))
-    docids = (folder / "docid").read_text(encoding="utf-8").split()
-    if len(docids) != index.ntotal:
-        raise OptionError("--base_index", str(folder), f"one docid per vector ({len(docids)} ids, "
-                          f"{index.ntotal} vectors)")
-    return docids, torch.from_numpy(index.reconstruct_n(0, index.ntotal))
+    left, right = a.backbone.state_dict(), b.backbone.state_dict()
+    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
 
 
 def evaluate(model, doc_ids: list[str], doc_texts: list[str], queries: dict[str, str],
@@ -118,6 +113,7 @@ def select(args: argparse.Namespace) -> int:
 
     from matryoshka.io.beir import load_beir
     from matryoshka.training.dense.config import DenseConfig
+    from matryoshka.training.dense.corpus import read_faiss_vectors
     from matryoshka.training.dense.modeling import BiEncoder
 
     if args.split == "test":
@@ -150,6 +146,8 @@ def select(args: argparse.Namespace) -> int:
             raise OptionError("--base_index", str(args.base_index), f"an index of {args.data}'s corpus")
         row = {d: i for i, d in enumerate(index_ids)}
         base_docs = vectors[[row[d] for d in doc_ids]]
+    if base_docs is None:
+        base_docs = base.encode_texts(doc_texts, "passage", batch_size=args.batch_size)
     results["base"] = evaluate(base, doc_ids, doc_texts, queries, data.qrels, args.batch_size, docs=base_docs)
     logger.info("base: %s", results["base"])
     best: tuple[float, str, dict | None] = (-1.0, "", None)
@@ -161,7 +159,9 @@ def select(args: argparse.Namespace) -> int:
             name = str(folder) if weight == 1.0 else f"{folder} @ soup {weight:g}"
             state = tuned_state if weight == 1.0 else soup(base_state, tuned_state, weight)
             tuned.load_state_dict(state)
-            results[name] = evaluate(tuned, doc_ids, doc_texts, queries, data.qrels, args.batch_size)
+            frozen_base = tuned.passage_source is not None and same_weights(tuned.passage_model(), base)
+            results[name] = evaluate(tuned, doc_ids, doc_texts, queries, data.qrels, args.batch_size,
+                                     docs=base_docs if frozen_base else None)
             logger.info("%s: %s", name, results[name])
             if results[name]["nDCG@10"] > best[0]:
                 best = (results[name]["nDCG@10"], name, state)

@@ -68,3 +68,26 @@ def make_tiny_dense_base(folder: PathLike, model_type: str = "bert", dropout: fl
                 config[key] = dropout
         config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
     return out
+
+
+def write_flat_index(folder: PathLike, model_folder: PathLike, corpus: dict[str, Document] | None = None,
+                     passage_max_length: int = 32, prefix: str = "") -> Path:
+    """A flat inner-product Faiss index folder (``index`` + ``docid``, as ``pyserini.encode --to-faiss`` writes it)
+    of ``corpus`` (default :func:`tiny_corpus`) encoded with mean pooling + L2 by the model in ``model_folder``
+    (with a passage ``prefix``: an index of another text format)."""
+    import faiss
+
+    from matryoshka.training.dense.modeling import BiEncoder
+
+    corpus = corpus if corpus is not None else tiny_corpus()
+    model = BiEncoder.build(model_folder, pooling="mean", normalize=True, passage_max_length=passage_max_length,
+                            passage_prefix=prefix)
+    docids = list(corpus)
+    vectors = model.encode_texts([corpus[d].contents for d in docids], "passage").numpy()
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, str(out / "index"))
+    (out / "docid").write_text("".join(f"{d}\n" for d in docids), encoding="utf-8")
+    return out

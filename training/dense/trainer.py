@@ -3,9 +3,10 @@ warm-up/decay, bf16 autocast, gradient checkpointing, atomic checkpoints, resume
 ``summary.json``) with a :class:`~matryoshka.training.dense.modeling.BiEncoder` in place of the reranker.
 
 Only what differs is overridden: how the model is built, which parameters train, the collator/objective, and one
-optimisation step (encode queries and passages, contrastive + distillation loss). Under DDP the contrastive term
-can use every rank's passages (``negatives_cross_device``); the logged loss is then averaged over ranks, which equals
-the single-process loss on the concatenated batch.
+optimisation step (encode queries and passages, contrastive + distillation loss; in ``corpus`` mode, encode the
+queries only and score them against each training set's fixed passage index, :mod:`.corpus`). Under DDP the
+contrastive term can use every rank's passages (``negatives_cross_device``); the logged loss is then averaged over
+ranks, which equals the single-process loss on the concatenated batch.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from matryoshka.errors import OptionError
 from matryoshka.training.arguments import DataArguments, TrainArguments
 from matryoshka.training.dense.arguments import DenseArguments
 from matryoshka.training.dense.collator import DenseCollator, known_positives
-from matryoshka.training.dense.losses import DenseObjective
+from matryoshka.training.dense.config import TrainingMode
+from matryoshka.training.dense.corpus import PassageIndex, load_passage_index
+from matryoshka.training.dense.losses import DenseObjective, corpus_loss
 from matryoshka.training.dense.modeling import BiEncoder
 from matryoshka.training.trainer import Trainer, _dist, _seed_for
 
@@ -46,6 +50,25 @@ class DenseTrainer(Trainer):
             temperature=model_args.similarity_temperature, mode=model_args.mode,
             cross_device=model_args.negatives_cross_device and self.world > 1,
             teacher_weight=args.teacher_weight, teacher_temperature=args.temperature)
+        self.indexes: list[PassageIndex] = []
+        if model_args.mode is TrainingMode.CORPUS:
+            self.indexes = self._passage_indexes()
+
+    def _passage_indexes(self) -> list[PassageIndex]:
+        m, d = self.model_args, self.data_args
+        if len(m.passage_indexes) != len(d.train_sets):
+            raise OptionError("passage_indexes", m.passage_indexes,
+                              f"one Faiss index folder per training set ({len(d.train_sets)}), in the same order")
+        if d.teacher_files:
+            raise OptionError("teacher_files", d.teacher_files, "none in corpus mode (its target is the graded "
+                              "positives over the whole corpus)")
+        passages = self.model.passage_model()
+        self._positives = [{q.qid: q.positives for q in ts.queries} for ts in self.sampler.training_sets]
+        indexes = [load_passage_index(folder, ts, passages)
+                   for folder, ts in zip(m.passage_indexes, self.sampler.training_sets, strict=True)]
+        for index in indexes:
+            index.vectors = index.vectors.to(self.device)
+        return indexes
 
     def _load_model(self) -> nn.Module:
         m = self.model_args
@@ -63,6 +86,8 @@ class DenseTrainer(Trainer):
               scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> dict[str, Any]:
         a = self.args
         torch.manual_seed(_seed_for(a.seed, step, self.rank))
+        if self.indexes:
+            return self._corpus_step(net, groups, optimizer, scheduler)
         batch = self.collator(groups)
         teacher = batch.get("teacher_scores")
         teacher = teacher.to(self.device) * a.teacher_scale if teacher is not None else None
@@ -72,6 +97,28 @@ class DenseTrainer(Trainer):
             q_reps, p_reps = net(query, passage)
         loss, parts = self.objective(q_reps, p_reps, batch["group_size"], teacher,
                                      batch["passage_keys"].to(self.device), batch["positive_keys"].to(self.device))
+        return self._update(loss, parts, optimizer, scheduler)
+
+    def _corpus_step(self, net: nn.Module, groups: list, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LambdaLR) -> dict[str, Any]:
+        """Corpus mode: each group's query against every document of its training set's index."""
+        config = self.model.config
+        query = self.model.tokenize([config.query_text(g.query) for g in groups], "query")
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+            q_reps, _ = net({k: v.to(self.device) for k, v in query.items()})
+        total = q_reps.new_zeros((), dtype=torch.float32)
+        for source in sorted({g.source for g in groups}):
+            rows = [i for i, g in enumerate(groups) if g.source == source]
+            index = self.indexes[source]
+            targets = index.targets([self._positives[source][groups[i].qid] for i in rows]).to(self.device)
+            total = total + corpus_loss(q_reps[rows], index.vectors, targets, self.objective.temperature).sum()
+        loss = total / len(groups)
+        return self._update(loss, {"ce/corpus": loss}, optimizer, scheduler)
+
+    def _update(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LambdaLR) -> dict[str, Any]:
+        """Backward, clip, optimizer and scheduler step; the logged values (averaged over ranks)."""
+        a = self.args
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, a.max_grad_norm) if a.max_grad_norm
