@@ -121,8 +121,14 @@ class DenseConfig:
 
     def passage_folder(self, folder: str | os.PathLike[str]) -> Path:
         """The folder that encodes passages for the dense model saved in ``folder``: itself, or its frozen passage
-        encoder's subfolder."""
-        return Path(folder) / self.passage_encoder if self.passage_encoder else Path(folder)
+        encoder's subfolder (which must hold a model)."""
+        if not self.passage_encoder:
+            return Path(folder)
+        sub = Path(folder) / self.passage_encoder
+        if not (sub / "config.json").is_file():
+            raise MissingInputError(sub / "config.json", "frozen passage encoder",
+                                    "the model was trained in corpus mode: copy its whole folder, subfolders included")
+        return sub
 
     @property
     def pyserini_encoder_class(self) -> str:

@@ -149,9 +149,6 @@ class BiEncoder(nn.Module):
         backbone = AutoModel.from_pretrained(str(folder), dtype=torch.float32).to(device)
         tokenizer = load_hf_tokenizer(folder, hf_config, config.pooling)
         passage_source = config.passage_folder(folder) if config.passage_encoder else None
-        if passage_source is not None and not (passage_source / "config.json").is_file():
-            raise MissingInputError(passage_source / "config.json", "frozen passage encoder",
-                                    "the model was trained in corpus mode: copy its whole folder, subfolders included")
         return cls(backbone, tokenizer, config, is_decoder_config(hf_config), sub_batch_size, passage_source)
 
     def save(self, folder: PathLike, overwrite: bool = False) -> Path:

@@ -81,9 +81,6 @@ class EncodingSpec:
             if normalize and not saved.normalize:
                 raise OptionError("normalize", True, f"off: the model in {folder} was trained without it")
             passage_dir = saved.passage_folder(folder) if saved.passage_encoder else None
-            if passage_dir is not None and not (passage_dir / "config.json").is_file():
-                raise MissingInputError(passage_dir / "config.json", "frozen passage encoder",
-                                        "the model was trained in corpus mode: copy its whole folder")
             spec = cls(folder, saved.pooling, saved.normalize, saved.query_prefix, saved.passage_prefix,
                        saved.query_max_length, passage_max_length or saved.passage_max_length, hidden, passage_dir)
         else:

@@ -155,11 +155,12 @@ def select(args: argparse.Namespace) -> int:
         tuned = BiEncoder.load(folder)
         tuned.config.passage_max_length = args.max_length
         tuned_state = {k: v.clone() for k, v in tuned.state_dict().items()}
+        # soups change the query side only: a frozen passage encoder equal to the base keeps the base's vectors
+        frozen_base = tuned.passage_source is not None and same_weights(tuned.passage_model(), base)
         for weight in [1.0, *args.soups]:
             name = str(folder) if weight == 1.0 else f"{folder} @ soup {weight:g}"
             state = tuned_state if weight == 1.0 else soup(base_state, tuned_state, weight)
             tuned.load_state_dict(state)
-            frozen_base = tuned.passage_source is not None and same_weights(tuned.passage_model(), base)
             results[name] = evaluate(tuned, doc_ids, doc_texts, queries, data.qrels, args.batch_size,
                                      docs=base_docs if frozen_base else None)
             logger.info("%s: %s", name, results[name])
