@@ -229,8 +229,8 @@ class Pipeline:
             return float(found["alpha"]), found
         data = dataset_dir(name)
         prepared = prepare_beir(data, split, a.work / "pyserini", threads=a.threads)
-        index = a.work / "faiss" / f"{name}-off-the-shelf"
-        flags = self.encode(a.base_model, True, data, index)
+        index = self.base_index(name)
+        flags = self.encode(a.base_model, True, data, index)  # cached: reads the index's dense_index.json
         scores = {}
         for alpha in a.alpha_grid:
             out = a.work / "runs" / f"{name}-{split}" / f"hybrid-off-the-shelf-{alpha}.txt"
