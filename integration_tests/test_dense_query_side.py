@@ -1,8 +1,9 @@
 """Query-side fine-tuning (``--mode corpus``) end to end on scifact-mini with Pyserini's real CLIs: all-MiniLM-L6-v2
 encodes the corpus (``pyserini.encode``); the trainer scores the 30 train queries against every vector of that
 index and trains the query encoder only; the saved model's corpus index (encoded by its frozen
-``passage_encoder/``) equals the off-the-shelf one; ``pyserini.search.faiss`` searches it with the trained query
-encoder, and ``pyserini.eval.trec_eval`` scores the run."""
+``passage_encoder/``) equals the off-the-shelf one, and ``encode --reuse_index`` gives the model that index without
+encoding; ``pyserini.search.faiss`` searches it with the trained query encoder, and ``pyserini.eval.trec_eval``
+scores the run."""
 
 from __future__ import annotations
 
@@ -61,9 +62,15 @@ def test_query_side_fine_tuning_through_pyserini(tmp_path: Path, scifact_mini: P
     assert np.allclose(vectors(tuned_index), vectors(base_index), atol=1e-5)  # documents: the frozen encoder
     assert info["search_flags"][:4] == ["--encoder-class", "auto", "--encoder", str((out / "model").resolve())]
 
+    # --reuse_index: the base index's vectors, checked against the frozen encoder, with the tuned search flags
+    reused_index = tmp_path / "faiss-reused"
+    reused = encode(out / "model", scifact_mini, reused_index, "--reuse_index", str(base_index))
+    assert (reused_index / "index").read_bytes() == (base_index / "index").read_bytes()
+    assert reused["search_flags"] == info["search_flags"] and reused["reused_from"] == str(base_index.resolve())
+
     run = tmp_path / "tuned.txt"
-    pyserini("pyserini.search.faiss", "--index", base_index, "--topics", scifact_mini_topics, "--output", run,
-             "--hits", 100, *info["search_flags"])
+    pyserini("pyserini.search.faiss", "--index", reused_index, "--topics", scifact_mini_topics, "--output", run,
+             "--hits", 100, *reused["search_flags"])
     check_run(run, scifact_mini_topics, set(corpus), 100)
     # held-out test queries: 0.7065 after 9 steps on the 30 train queries, off-the-shelf 0.6590
     tuned = ndcg10(scifact_mini_qrels, run)

@@ -14,6 +14,9 @@ Pyserini's progress bar is shown while it runs; the index folder appears complet
         --output runs/dense/faiss-scifact
     # a plain Hugging Face folder needs its pooling:
     python -m matryoshka.training.dense.encode --model <all-MiniLM-L6-v2 dir> --pooling mean --normalize ...
+    # query-side fine-tuned: its frozen passage encoder wrote the base model's index, so reuse its vectors
+    python -m matryoshka.training.dense.encode --model runs/dense-query/model --corpus data/scifact \
+        --reuse_index runs/dense/faiss-scifact --output runs/dense/faiss-scifact-query
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ class EncodeArguments:
     batch_size: int = field(default=32, metadata={"help": "documents per encoder batch"})
     device: str = field(default="cpu", metadata={"help": "torch device of the encoder (cpu, cuda:0, ...)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
+    reuse_index: str | None = field(default=None, metadata={
+        "help": "an index folder of this corpus written by this command whose encoder has the same weights as this "
+                "model's passage encoder (query-side fine-tuning): its vectors are reused, nothing is encoded"})
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -144,7 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args,) = parse_arguments((EncodeArguments,), argv, prog="python -m matryoshka.training.dense.encode")
         spec = EncodingSpec.from_folder(args.model, args.pooling, args.normalize, args.query_prefix,
                                         args.passage_prefix, args.max_length)
-        out = encode_corpus(spec, args.corpus, args.output, args.batch_size, args.device, args.overwrite)
+        if args.reuse_index:
+            from matryoshka.training.dense.reuse import reuse_index
+
+            out = reuse_index(spec, args.corpus, args.reuse_index, args.output, args.overwrite)
+        else:
+            out = encode_corpus(spec, args.corpus, args.output, args.batch_size, args.device, args.overwrite)
     except (MatryoshkaError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -20,9 +20,9 @@ its frozen passage encoder (``<model>/passage_encoder``, :attr:`EncodingSpec.pas
 
 Hybrid search (``pyserini.search.hybrid``) scores ``alpha * BM25 + dense`` over the top hits of each. Its
 ``--normalization`` option divides by ``max - min`` of each hit list and crashes (ZeroDivisionError) on any query
-for which BM25 returns a single hit (13 NFCorpus test queries), so it is off by default here; with cosine scores
-(L2-normalised models) ``alpha`` = 0.08 balances BM25 (picked on NFCorpus dev in
-``benchmarks/dense_pipeline.py``).
+for which BM25 returns a single hit (13 NFCorpus test queries), so it is off by default here. The best ``alpha``
+depends on the dense model and on the collection's BM25 score scale: on NFCorpus dev, 0.08 for all-MiniLM-L6-v2 and
+0.02 for its query-side fine-tune (``benchmarks/dense_pipeline.py`` picks it per model); 0.08 is the default.
 """
 
 from __future__ import annotations
