@@ -5,7 +5,7 @@ model, each alone and followed by the cascade, on SciFact test and NFCorpus test
 Every retrieval, reranking and evaluation step is one of Pyserini's own CLIs: ``pyserini.search.lucene --bm25``,
 ``pyserini.encode`` (via ``matryoshka.training.dense.encode``), ``pyserini.search.faiss``,
 ``pyserini.search.hybrid``, the cascade through those same commands with ``--reranker matryoshka`` (the bundled
-default model with its manifest's tuned policy, threshold and first-stage weight unless ``--reranker-model``;
+default model with its manifest's tuned policy and threshold unless ``--reranker-model``;
 ``--matryoshka.depth`` reranks the top N, the rest keep their first-stage order, so R@100 is the first stage's), and
 ``pyserini.eval.trec_eval``. Cascade rows add the plugin's ``--matryoshka.stats``: mean layers per candidate and
 the relative layer cost (1.0 = every candidate ran every layer).
@@ -18,11 +18,17 @@ the relative layer cost (1.0 = every candidate ran every layer).
   teacher files of ``matryoshka.training.teacher`` instead.
 - Hybrid: ``alpha * BM25 + cosine`` over the top ``--hits`` of each. Pyserini's ``--normalization`` is not used: it
   divides by ``max - min`` of each hit list and crashes (ZeroDivisionError) when BM25 returns a single hit for a
-  query (13 NFCorpus test queries). ``alpha`` is picked from ``--alpha-grid`` on NFCorpus dev with the off-the-shelf
-  model, unless ``--alpha`` is given.
+  query (13 NFCorpus test queries). ``alpha`` is picked per dense model from ``--alpha-grid`` on NFCorpus dev,
+  unless ``--alpha`` is given.
+- Cascade: its first-stage weight W (``--matryoshka.first-stage-weight``) is picked per first stage from
+  ``--cascade-weights`` by ``python -m matryoshka tune --run`` on that first stage's NFCorpus dev run, cut to the
+  top ``--depth`` (the candidates the cascade reranks): a strong first stage earns a higher weight. The policy and
+  threshold are the manifest's.
+- A query-side fine-tuned model reuses the off-the-shelf corpus index (``encode --reuse_index``): its frozen passage
+  encoder would write the same vectors.
 
 Outputs are kept in ``--work`` and reused by a rerun (file names carry the settings: model digest, alpha, reranker
-manifest digest, depth); each appears complete or not at all. The table goes to ``--report`` (markdown, with the
+manifest digest, depth, W); each appears complete or not at all. The table goes to ``--report`` (markdown, with the
 command, the machine and thread counts) and ``--work``/results.json::
 
     python benchmarks/dense_pipeline.py --work runs/dense-bench
@@ -31,22 +37,31 @@ command, the machine and thread counts) and ``--work``/results.json::
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import importlib.util
 import json
 import logging
 import os
-import platform
 import shlex
-import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the benchmarks package
+
+from benchmarks.pipeline_report import write_report  # noqa: E402
+from benchmarks.pipeline_stages import (  # noqa: E402
+    REPO,
+    DenseModel,
+    FirstStage,
+    Stages,
+    atomic_json,
+    dataset_dir,
+    digest,
+    evaluate,
+    truncate_run,
+)
+from matryoshka.io import atomic_write  # noqa: E402
+
 logger = logging.getLogger("dense_pipeline")
 
 TRAIN_ARGS = ("--mode corpus --num_epochs 4 --per_device_batch_size 32 --group_size 2 --learning_rate 1e-4 "
@@ -84,24 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exported matryoshka model (its manifest's tuned settings are used)")
     p.add_argument("--no-cascade", action="store_true", help="first-stage rows only")
     p.add_argument("--depth", type=int, default=20, help="the cascade reranks each run's top N (CPU time)")
+    p.add_argument("--cascade-weights", nargs="*", type=float, default=[round(0.1 * i, 1) for i in range(10)],
+                   help="the cascade's first-stage weight W is tuned per first stage from these on its --select-on "
+                        "run (python -m matryoshka tune --run); none: the manifest's W for every first stage")
     p.add_argument("--threads", type=int, default=2, help="threads of every step (torch, onnxruntime, Lucene)")
     return p
-
-
-def run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-    """Run a command, its output appended to ``log``; stop the benchmark with the log's tail on failure."""
-    logger.info("$ %s", shlex.join(cmd))
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    with log.open("a", encoding="utf-8") as handle:
-        handle.write(f"\n$ {shlex.join(cmd)}\n")
-        handle.flush()
-        code = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
-                              env={**os.environ, **(env or {})}).returncode
-    if code != 0:
-        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").replace("\r", "\n").splitlines()[-15:])
-        raise SystemExit(f"command failed ({code}): {shlex.join(cmd)}\n{tail}")
-    logger.info("  done in %.0f s", time.time() - start)
 
 
 def corpus_mode(train_args: str) -> bool:
@@ -111,52 +113,9 @@ def corpus_mode(train_args: str) -> bool:
         "--mode=corpus" in words
 
 
-def digest(path: Path, n: int = 8) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:n]
 
-
-def dataset_dir(name: str) -> Path:
-    for candidate in (Path(name), REPO / "data" / name, SHARED / name):
-        if (candidate / "corpus.jsonl").is_file():
-            return candidate
-    raise SystemExit(f"dataset {name!r}: no BEIR folder with corpus.jsonl found (pass a path)")
-
-
-@dataclass
-class Pipeline:
-    args: argparse.Namespace
-    log: Path
-    env: dict[str, str] = field(default_factory=dict)
-
-    def py(self, *cmd: object) -> None:
-        run([sys.executable, *map(str, cmd)], self.log, self.env)
-
-    def search(self, module: str, output: Path, *args: object) -> Path:
-        """A Pyserini search CLI writing ``output``; the file appears complete or not at all."""
-        if output.is_file():
-            return output
-        output.parent.mkdir(parents=True, exist_ok=True)
-        partial = output.with_name(f".{output.name}.partial")
-        try:
-            self.py("-m", module, *(partial if a is output else a for a in args))
-            partial.replace(output)
-        finally:
-            partial.unlink(missing_ok=True)
-        return output
-
-    # ------------------------------------------------------------------------------------------- dense models
-    def encode(self, model: Path, plain: bool, data: Path, out: Path) -> list[str]:
-        if not (out / "dense_index.json").is_file():
-            extra = ["--pooling", "mean", "--normalize"] if plain else []
-            self.py("-m", "matryoshka.training.dense.encode", "--model", model, *extra, "--corpus", data, "--output",
-                    out, "--max_length", self.args.max_length, "--batch_size", 32, "--overwrite")
-        return json.loads((out / "dense_index.json").read_text(encoding="utf-8"))["search_flags"]
-
-    def base_index(self, name: str) -> Path:
-        """The off-the-shelf model's Faiss index of dataset ``name`` (built when missing)."""
-        index = self.args.work / "faiss" / f"{name}-off-the-shelf"
-        self.encode(self.args.base_model, True, dataset_dir(name), index)
-        return index
+class Pipeline(Stages):
+    """The stages plus training, selection and tuning on the ``--select-on`` split, and the table rows."""
 
     def teachers(self) -> list[str]:
         """Fusion teacher files (BM25 + the base model's cosine, ``matryoshka.training.teacher``), one per set."""
@@ -207,77 +166,74 @@ class Pipeline:
                 selected)
         return selected, json.loads(summary_file.read_text(encoding="utf-8"))
 
-    # ------------------------------------------------------------------------------------------- hybrid alpha
-    def hybrid(self, flags: list[str], dense_index: Path, lucene_index: Path, topics: Path, output: Path,
-               alpha: float, rerank: list[str] = ()) -> Path:
-        hits = self.args.hits
-        return self.search("pyserini.search.hybrid", output, "dense", "--index", dense_index, *flags, "sparse",
-                           "--index", lucene_index, "fusion", "--alpha", alpha, "--hits", hits, "run", "--topics",
-                           topics, "--output", output, "--hits", hits, "--threads", self.args.threads, *rerank)
-
-    def tune_alpha(self) -> tuple[float, dict]:
-        """The grid alpha with the best hybrid nDCG@10 on the selection split (off-the-shelf model); cached."""
-        from matryoshka.pipeline import prepare_beir
-
+    # ------------------------------------------------------------------------------------------- first stages
+    def tune_alpha(self, model: DenseModel) -> tuple[float, dict]:
+        """The grid alpha with the best hybrid nDCG@10 of ``model`` on the selection split; cached per model."""
         a = self.args
         if a.alpha is not None:
             return a.alpha, {"given": a.alpha}
-        name, split = a.select_on.split(":")
-        cache = a.work / f"alpha-{name}-{split}.json"
+        split_name, data, prepared = self.selection()
+        cache = a.work / f"alpha-{split_name}-{model.tag}.json"
         if cache.is_file() and json.loads(cache.read_text())["grid"] == a.alpha_grid:
             found = json.loads(cache.read_text())
             return float(found["alpha"]), found
-        data = dataset_dir(name)
-        prepared = prepare_beir(data, split, a.work / "pyserini", threads=a.threads)
-        index = self.base_index(name)
-        flags = self.encode(a.base_model, True, data, index)  # cached: reads the index's dense_index.json
+        index, flags = self.encode(model, a.select_on.split(":")[0])
         scores = {}
         for alpha in a.alpha_grid:
-            out = a.work / "runs" / f"{name}-{split}" / f"hybrid-off-the-shelf-{alpha}.txt"
-            self.hybrid(flags, index, prepared.index_dir, prepared.topics, out, alpha)
+            stage = FirstStage("hybrid", f"hybrid-{model.tag}-{alpha}", "pyserini.search.hybrid", flags, index, alpha)
+            out = self.retrieve(stage, prepared, a.work / "runs" / split_name / f"{stage.stem}.txt")
             scores[str(alpha)] = evaluate(prepared.qrels, out)["nDCG@10"]
         best = max(a.alpha_grid, key=lambda x: (scores[str(x)], -x))
         found = {"grid": a.alpha_grid, "ndcg10": scores, "alpha": best}
-        cache.write_text(json.dumps(found, indent=2) + "\n", encoding="utf-8")
+        atomic_json(cache, found)
         return best, found
 
+    def tune_cascade(self, stage: FirstStage) -> dict:
+        """The cascade's first-stage weight for ``stage``: ``python -m matryoshka tune --run`` on the stage's run of
+        the selection split, cut to the top ``--depth`` (the candidates the cascade reranks); cached."""
+        a = self.args
+        split_name, data, prepared = self.selection()
+        folder = a.work / "cascade-tune"
+        sweep = folder / f"{stage.stem}-{a.manifest_digest}-top{a.depth}.json"
+        weights = [f"{w:g}" for w in a.cascade_weights]
+        if sweep.is_file():
+            found = json.loads(sweep.read_text(encoding="utf-8"))
+            if sorted(found["full_ndcg10_by_first_stage_weight"]) == sorted(weights):
+                return found
+        run_file = self.retrieve(stage, prepared, a.work / "runs" / split_name / f"{stage.stem}.txt")
+        top = folder / f"{stage.stem}-top{a.depth}.txt"
+        with atomic_write(top) as handle:
+            handle.writelines(truncate_run(run_file.read_text(encoding="utf-8").splitlines(True), a.depth))
+        self.py("-m", "matryoshka", "tune", "--model", a.reranker_model, "--data", data, "--split",
+                split_name.rsplit("-", 1)[1], "--work", a.work / "pyserini", "--run", top, "--depths", "all",
+                "--first-stage-weights", *weights, "--threads", a.threads, "--dry-run", "--sweep-output", sweep,
+                "--cache", sweep.with_suffix(".npz"))
+        return json.loads(sweep.read_text(encoding="utf-8"))
+
     # ------------------------------------------------------------------------------------------- the table
-    def dataset_rows(self, name: str, models: dict[str, tuple[Path, bool, str]], alpha: float) -> list[dict]:
+    def dataset_rows(self, name: str, stages: list[FirstStage], weights: dict[str, float | None]) -> list[dict]:
         from matryoshka.pipeline import prepare_beir
 
         a = self.args
-        data = dataset_dir(name)
-        prepared = prepare_beir(data, "test", a.work / "pyserini", threads=a.threads)
-        runs_dir = a.work / "runs" / name
-        pipelines: list[tuple[str, str, tuple]] = [
-            ("BM25", "bm25", ("pyserini.search.lucene", "--index", prepared.index_dir, "--topics", prepared.topics,
-                              "--bm25", "--hits", a.hits, "--threads", a.threads, "--batch-size", 64))]
-        for label, (model, plain, tag) in models.items():
-            index = a.work / "faiss" / f"{name}-{tag}"
-            flags = self.encode(model, plain, data, index)
-            pipelines.append((f"dense {label}", f"dense-{tag}",
-                              ("pyserini.search.faiss", "--index", index, "--topics", prepared.topics, "--hits",
-                               a.hits, "--threads", a.threads, "--batch-size", 64, *flags)))
-            pipelines.append((f"hybrid BM25 + dense {label}", f"hybrid-{tag}-{alpha}", (flags, index)))
+        prepared = prepare_beir(dataset_dir(name), "test", a.work / "pyserini", threads=a.threads)
+        runs_dir = a.work / "runs" / dataset_dir(name).name
+        judged = len({line.split()[0] for line in prepared.qrels.read_text(encoding="utf-8").splitlines() if line})
         rows = []
-        rerank_tag = f"{a.reranker_model.name}-{a.manifest_digest}-top{a.depth}"
-        for label, stem, spec in pipelines:
+        for stage in stages:
             for cascade in ((False,) if a.no_cascade else (False, True)):
-                out = runs_dir / (f"{stem}-{rerank_tag}.txt" if cascade else f"{stem}.txt")
+                weight = weights.get(stage.stem)
+                tag = f"{a.reranker_model.name}-{a.manifest_digest}-top{a.depth}" + \
+                    ("" if weight is None else f"-w{weight:g}")
+                out = runs_dir / (f"{stage.stem}-{tag}.txt" if cascade else f"{stage.stem}.txt")
                 stats = out.with_suffix(".stats.json")
                 rerank = ["--reranker", "matryoshka", "--matryoshka.model", a.reranker_model, "--matryoshka.depth",
-                          a.depth, "--matryoshka.threads", a.threads, "--matryoshka.stats", stats] if cascade else []
+                          a.depth, "--matryoshka.threads", a.threads, "--matryoshka.stats", stats,
+                          *([] if weight is None else ["--matryoshka.first-stage-weight", weight])] if cascade else []
                 if cascade and out.is_file() and not stats.is_file():
                     out.unlink()  # a run without its statistics: redo both
-                if stem.startswith("hybrid"):
-                    flags, index = spec
-                    self.hybrid(flags, index, prepared.index_dir, prepared.topics, out, alpha, rerank)
-                else:
-                    module, *rest = spec
-                    faiss_docs = ["--matryoshka.index", prepared.index_dir] if cascade and "faiss" in module else []
-                    self.search(module, out, *rest, "--output", out, *rerank, *faiss_docs)
-                row = {"pipeline": f"{label} + matryoshka" if cascade else label, "run": str(out),
-                       **evaluate(prepared.qrels, out)}
+                self.retrieve(stage, prepared, out, rerank)
+                row = {"pipeline": f"{stage.label} + matryoshka" if cascade else stage.label, "run": str(out),
+                       "queries": judged, **evaluate(prepared.qrels, out)}
                 if cascade:
                     s = json.loads(stats.read_text(encoding="utf-8"))
                     row |= {"mean_layers": s["mean_layers_per_candidate"], "layers": s["exits"][-1],
@@ -286,59 +242,6 @@ class Pipeline:
                 rows.append(row)
         return rows
 
-
-def evaluate(qrels: Path, run_file: Path) -> dict[str, float]:
-    from matryoshka.pipeline import trec_eval
-
-    m = trec_eval(qrels, run_file, measures=("ndcg_cut.10", "recall.100"))
-    return {"nDCG@10": m["ndcg_cut_10"], "R@100": m["recall_100"]}
-
-
-def format_table(results: dict[str, list[dict]]) -> str:
-    names = list(results)
-    header = ("| pipeline | " + " | ".join(f"{n} nDCG@10 | {n} R@100" for n in names) + " | mean layers ("
-              + " / ".join(names) + ") | relative layer cost (" + " / ".join(names) + ") |")
-    lines = [header, "|---|" + "---:|---:|" * len(names) + "---:|---:|"]
-    for i, row in enumerate(results[names[0]]):
-        cells = [f"{results[n][i]['nDCG@10']:.4f} | {results[n][i]['R@100']:.4f}" for n in names]
-        if "mean_layers" in row:
-            layers = " / ".join(f"{results[n][i]['mean_layers']:.2f}" for n in names) + f" of {row['layers']}"
-            cost = " / ".join(f"{results[n][i]['relative_layer_cost']:.3f}" for n in names)
-        else:
-            layers = cost = "-"
-        lines.append(f"| {row['pipeline']} | " + " | ".join(cells) + f" | {layers} | {cost} |")
-    return "\n".join(lines)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, Python " \
-           f"{platform.python_version()}"
-
-
-def write_report(args: argparse.Namespace, results: dict[str, list[dict]], notes: list[str], command: str) -> str:
-    from matryoshka.io import atomic_write
-
-    table = format_table(results)
-    text = "\n".join([
-        "# BM25 / dense / hybrid first stages, each followed by the matryoshka cascade", "",
-        f"Generated {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC} by "
-        "`benchmarks/dense_pipeline.py`; every step is a Pyserini CLI (`pyserini.search.lucene` / `.faiss` / "
-        "`.hybrid`, the cascade as `--reranker matryoshka` on the same command, `pyserini.eval.trec_eval`). "
-        "Test splits: SciFact 300 queries, NFCorpus 323 queries.", "",
-        table, "", *[f"- {n}" for n in notes], "",
-        "Command:", "", "```", command, "```", "",
-        f"Machine: {machine()}; {args.threads} threads for every step (torch, onnxruntime, Lucene/Faiss search).", ""])
-    with atomic_write(args.report) as handle:
-        handle.write(text)
-    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,11 +264,20 @@ def main(argv: list[str] | None = None) -> int:
                     {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
                      "PYTHONHASHSEED": "0"})
     fine_tuned, selection = pipe.fine_tuned()
-    alpha, alpha_info = pipe.tune_alpha()
-    models = {"off-the-shelf": (args.base_model, True, "off-the-shelf"),
-              "fine-tuned": (fine_tuned, False, f"{fine_tuned.parent.name}-{digest(fine_tuned / 'model.safetensors')}")}
-    results = {name: pipe.dataset_rows(name, models, alpha) for name in args.datasets}
-    (args.work / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    models = {"off-the-shelf": DenseModel(args.base_model, True, "off-the-shelf"),
+              "fine-tuned": DenseModel(fine_tuned, False,
+                                       f"{fine_tuned.parent.name}-{digest(fine_tuned / 'model.safetensors')}")}
+    alpha_info = {label: pipe.tune_alpha(model) for label, model in models.items()}
+    alphas = {model.tag: alpha_info[label][0] for label, model in models.items()}
+    weights: dict[str, float | None] = {}
+    tuned: dict[str, dict] = {}
+    if not args.no_cascade and args.cascade_weights:
+        for stage in pipe.first_stages(args.select_on.split(":")[0], models, alphas):
+            tuned[stage.label] = pipe.tune_cascade(stage)
+            weights[stage.stem] = float(tuned[stage.label]["first_stage_weight"])
+    results = {name: pipe.dataset_rows(name, pipe.first_stages(name, models, alphas), weights)
+               for name in args.datasets}
+    atomic_json(args.work / "results.json", results)
     dev = {k: v["nDCG@10"] for k, v in selection.get("results", {}).items()}
     recipe = ("query-side fine-tuning: the passage encoder stays all-MiniLM-L6-v2 and each training query is scored "
               "against every document of its corpus's off-the-shelf index, graded positives as the target"
@@ -373,8 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     notes = [f"Fine-tuned: all-MiniLM-L6-v2 trained with `python -m matryoshka.training.dense` {args.train_args} "
              f"({recipe}), model selected on {args.select_on}: "
              f"{selection.get('best', selection)}" + (f" (nDCG@10 there: {json.dumps(dev)})" if dev else ""),
-             f"Hybrid: `pyserini.search.hybrid` score = {alpha:g} * BM25 + cosine, no `--normalization`; alpha picked "
-             f"on {args.select_on} from {alpha_info.get('ndcg10', alpha_info)}."]
+             "Hybrid: `pyserini.search.hybrid` score = alpha * BM25 + cosine, no `--normalization`; alpha picked "
+             f"per dense model on {args.select_on}: " + "; ".join(
+                 f"{label} {alpha:g} (nDCG@10 by alpha: {json.dumps(info.get('ndcg10', info))})"
+                 for label, (alpha, info) in alpha_info.items()) + "."]
     if not args.no_cascade:
         manifest = json.loads(manifest_text)
         if manifest_file.read_bytes() != manifest_text:
@@ -382,14 +296,26 @@ def main(argv: list[str] | None = None) -> int:
                          f"version with sha256 prefix {args.manifest_digest}, described below.")
         shown = os.path.relpath(args.reranker_model.resolve(), REPO)
         notes.append(f"Cascade: `--reranker matryoshka --matryoshka.model {shown} "
-                     f"--matryoshka.depth {args.depth}` (top {args.depth} reranked, ranks {args.depth + 1}-"
-                     f"{args.hits} keep the first-stage order, so R@100 is the first stage's); manifest policy "
-                     f"{json.dumps(manifest['policy'])}, exits {manifest['exits']}, precision "
+                     f"--matryoshka.depth {args.depth} --matryoshka.first-stage-weight W` (top {args.depth} "
+                     f"reranked, ranks {args.depth + 1}-{args.hits} keep the first-stage order, so R@100 is the first "
+                     f"stage's); manifest policy {manifest['policy']['name']} threshold "
+                     f"{manifest['policy']['threshold']:g}, exits {manifest['exits']}, precision "
                      f"{manifest.get('default_precision')} (manifest sha256 {args.manifest_digest}...). "
-                     "The first-stage weight fuses the z-normalised (per query, "
-                     "over the reranked candidates) retriever score: BM25, dense inner product (cosine) or the "
-                     "hybrid fused score, so its scale does not matter. Mean layers and relative layer cost from "
-                     "`--matryoshka.stats`.")
+                     "W weighs the z-normalised (per query, over the reranked candidates) retriever score: BM25, "
+                     "dense inner product (cosine) or the hybrid fused score, so its scale does not matter. Mean "
+                     "layers and relative layer cost from `--matryoshka.stats`.")
+        if tuned:
+            notes.append(f"W per first stage, picked on {args.select_on} by `python -m matryoshka tune --run "
+                         f"<that first stage's {args.select_on} run, top {args.depth}> --depths all "
+                         "--first-stage-weights " + " ".join(f"{w:g}" for w in args.cascade_weights) +
+                         " --dry-run` (best full-depth nDCG@10 there): " + "; ".join(
+                             f"{label} W={found['first_stage_weight']:g} ({found['full_ndcg10']:.4f}; unfused "
+                             f"{found['full_ndcg10_by_first_stage_weight']['0']:.4f})" if "0" in
+                             found["full_ndcg10_by_first_stage_weight"] else
+                             f"{label} W={found['first_stage_weight']:g} ({found['full_ndcg10']:.4f})"
+                             for label, found in tuned.items()) + ".")
+        else:
+            notes.append(f"W: the manifest's {manifest['policy'].get('first_stage_weight', 0):g} (tuned on BM25).")
     command = shlex.join(["python", *sys.argv])
     table = write_report(args, results, notes, command)
     print(f"\n{table}\n\ncommand: {command}\nreport: {args.report}; commands: {pipe.log}")
