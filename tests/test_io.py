@@ -207,3 +207,19 @@ def test_written_files_get_the_usual_permissions(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+
+
+def test_read_json_object_names_the_file_line_and_fix(tmp_path: Path) -> None:
+    from matryoshka.io.jsonfile import read_json_object
+
+    path = tmp_path / "x.json"
+    with pytest.raises(MissingInputError, match=r"x.json: thing not found \(make it\)"):
+        read_json_object(path, "thing", "make it")
+    path.write_text('{\n"a": 1,\n}')
+    with pytest.raises(DataFormatError, match=r"x.json:3: invalid JSON .*\(make it\)"):
+        read_json_object(path, "thing", "make it")
+    path.write_text("[1]")
+    with pytest.raises(DataFormatError, match="expected a JSON object"):
+        read_json_object(path, "thing")
+    path.write_text('{"a": [1]}')
+    assert read_json_object(path, "thing") == {"a": [1]}

@@ -27,6 +27,7 @@ from typing import Any
 
 from matryoshka.errors import DataFormatError, MatryoshkaError, MissingInputError
 from matryoshka.io import atomic_write
+from matryoshka.io.jsonfile import read_json_object
 
 logger = logging.getLogger(__name__)
 DENSE_CONFIG_FILE = "dense_config.json"
@@ -171,15 +172,8 @@ class DenseConfig:
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> DenseConfig:
         path = Path(folder) / DENSE_CONFIG_FILE
-        if not path.is_file():
-            raise MissingInputError(path, "dense model config",
-                                    "expected a folder saved by `python -m matryoshka.training.dense`")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise DataFormatError(path, err.lineno, f"invalid JSON ({err.msg})") from None
-        if not isinstance(data, dict):
-            raise DataFormatError(path, None, "expected a JSON object")
+        data = read_json_object(path, "dense model config",
+                                "expected a folder saved by `python -m matryoshka.training.dense`")
         return cls.from_dict(data, str(path))
 
     @classmethod

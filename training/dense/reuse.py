@@ -18,6 +18,7 @@ from pathlib import Path
 
 from matryoshka.errors import DataFormatError, MissingInputError, OptionError
 from matryoshka.io import atomic_directory
+from matryoshka.io.jsonfile import read_json_object
 from matryoshka.training.dense.encode import INFO_FILE, _corpus_file, check_faiss_index
 from matryoshka.training.dense.pyserini_args import EncodingSpec
 
@@ -29,16 +30,11 @@ FIX = "drop --reuse_index to encode the corpus with this model"
 def read_index_info(folder: PathLike) -> dict:
     """The ``dense_index.json`` of an index folder written by ``encode`` (checked for the fields reuse needs)."""
     info_file = Path(folder) / INFO_FILE
-    if not info_file.is_file():
-        raise MissingInputError(info_file, "dense index description",
-                                "--reuse_index takes a folder written by python -m matryoshka.training.dense.encode")
-    try:
-        info = json.loads(info_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataFormatError(info_file, exc.lineno, f"not JSON ({exc.msg})", "re-encode that index") from None
+    info = read_json_object(info_file, "dense index description",
+                            "--reuse_index takes a folder written by python -m matryoshka.training.dense.encode")
     needed = ("model", "corpus", "documents", "dimension", "pooling", "normalize", "passage_prefix",
               "passage_max_length")
-    missing = [k for k in needed if k not in info] if isinstance(info, dict) else list(needed)
+    missing = [k for k in needed if k not in info]
     if missing:
         raise DataFormatError(info_file, None, f"missing {missing}", "re-encode that index with this version")
     return info
