@@ -308,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"W per first stage, picked on {args.select_on} by `python -m matryoshka tune --run "
                          f"<that first stage's {args.select_on} run, top {args.depth}> --depths all "
                          "--first-stage-weights " + " ".join(f"{w:g}" for w in args.cascade_weights) +
-                         " --dry-run` (best full-depth nDCG@10 there): " + "; ".join(
-                             f"{label} W={found['first_stage_weight']:g} ({found['full_ndcg10']:.4f}; unfused "
+                         " --dry-run` (full-depth cascade nDCG@10 there at that W): " + "; ".join(
+                             f"{label} W={found['first_stage_weight']:g} ({found['full_ndcg10']:.4f}; reranker alone "
                              f"{found['full_ndcg10_by_first_stage_weight']['0']:.4f})" if "0" in
                              found["full_ndcg10_by_first_stage_weight"] else
                              f"{label} W={found['first_stage_weight']:g} ({found['full_ndcg10']:.4f})"
