@@ -110,7 +110,8 @@ class Stages:
             else:
                 extra = []
             self.py("-m", "matryoshka.training.dense.encode", "--model", model.path, *extra, "--corpus", data,
-                    "--output", out, "--max_length", self.args.max_length, "--batch_size", 32, "--overwrite")
+                    "--output", out, "--max_length", self.args.max_length, "--batch_size", 32, "--skip_empty",
+                    "--overwrite")
         return out, tuple(json.loads((out / "dense_index.json").read_text(encoding="utf-8"))["search_flags"])
 
     def base_index(self, name: str) -> Path:

@@ -94,3 +94,23 @@ def test_a_tampered_index_writes_nothing(setup: dict[str, Path], tmp_path: Path,
                   "--output", out) == 2
     assert "3 ids" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_documents_without_text_are_an_error_or_left_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The collection ``pyserini.encode`` reads: an empty document stops it, naming the id and --skip_empty."""
+    from matryoshka.errors import DataFormatError
+    from matryoshka.training.dense.encode import write_dense_collection
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"_id": "a", "title": "T", "text": "x"}) + "\n"
+                      + json.dumps({"_id": "b", "title": "", "text": "  "}) + "\n"
+                      + json.dumps({"_id": "c", "title": "", "text": "y"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match="document 'b' has no text.*--skip_empty"):
+        write_dense_collection(corpus, tmp_path / "docs.jsonl")
+    assert write_dense_collection(corpus, tmp_path / "docs.jsonl", skip_empty=True) == ["a", "c"]
+    lines = [json.loads(line) for line in (tmp_path / "docs.jsonl").read_text().splitlines()]
+    assert lines == [{"id": "a", "text": "T x"}, {"id": "c", "text": "y"}]
+    assert "1 documents without text left out of the index: b" in caplog.text
+    corpus.write_text(json.dumps({"_id": "b", "title": "", "text": ""}) + "\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match="no document has text"):
+        write_dense_collection(corpus, tmp_path / "docs.jsonl", skip_empty=True)

@@ -55,6 +55,8 @@ class EncodeArguments:
     batch_size: int = field(default=32, metadata={"help": "documents per encoder batch"})
     device: str = field(default="cpu", metadata={"help": "torch device of the encoder (cpu, cuda:0, ...)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
+    skip_empty: bool = field(default=False, metadata={
+        "help": "leave documents without text out of the index (default: an error naming the first one)"})
     reuse_index: str | None = field(default=None, metadata={
         "help": "an index folder of this corpus written by this command whose encoder has the same weights as this "
                 "model's passage encoder (query-side fine-tuning): its vectors are reused, nothing is encoded"})
@@ -71,23 +73,33 @@ def _corpus_file(path: PathLike) -> Path:
     return p / "corpus.jsonl" if p.is_dir() else p
 
 
-def write_dense_collection(corpus_path: PathLike, out_file: PathLike) -> list[str]:
-    """``{"id", "text"}`` lines (text = title + text) for ``pyserini.encode --fields text``; returns the docids."""
+def write_dense_collection(corpus_path: PathLike, out_file: PathLike, skip_empty: bool = False) -> list[str]:
+    """``{"id", "text"}`` lines (text = title + text) for ``pyserini.encode --fields text``; returns the docids.
+    A document without text is an error, or left out of the index with ``skip_empty`` (a warning names them)."""
     corpus = load_corpus(_corpus_file(corpus_path))
     if not corpus:
         raise DataFormatError(_corpus_file(corpus_path), None, "the corpus has no documents")
-    docids = []
+    docids, skipped = [], []
     with open(out_file, "w", encoding="utf-8") as handle:
         for doc in corpus.values():
             if not doc.docid or any(c.isspace() for c in doc.docid):
                 raise DataFormatError(_corpus_file(corpus_path), None, f"document id {doc.docid!r} is empty or has "
                                       "whitespace", "Faiss docid files and TREC runs need one token per id")
             text = doc.contents.strip()
+            if not text and skip_empty:
+                skipped.append(doc.docid)
+                continue
             if not text:
                 raise DataFormatError(_corpus_file(corpus_path), None, f"document {doc.docid!r} has no text",
-                                      "drop it or give it a title or text")
+                                      "drop it, give it a title or text, or pass --skip_empty to leave such "
+                                      "documents out of the index")
             handle.write(json.dumps({"id": doc.docid, "text": text}, ensure_ascii=False) + "\n")
             docids.append(doc.docid)
+    if skipped:
+        logger.warning("%d documents without text left out of the index: %s", len(skipped),
+                       " ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
+    if not docids:
+        raise DataFormatError(_corpus_file(corpus_path), None, "no document has text")
     return docids
 
 
@@ -121,13 +133,13 @@ def check_faiss_index(folder: PathLike, docids: Sequence[str], dimension: int) -
 
 
 def encode_corpus(spec: EncodingSpec, corpus: PathLike, output: PathLike, batch_size: int = 32,
-                  device: str = "cpu", overwrite: bool = False) -> Path:
+                  device: str = "cpu", overwrite: bool = False, skip_empty: bool = False) -> Path:
     """Encode ``corpus`` with Pyserini into the Faiss index folder ``output`` (atomically); see the module doc."""
     output = Path(output)
     with atomic_directory(output, overwrite=overwrite) as tmp, \
             tempfile.TemporaryDirectory(prefix=".dense-collection-", dir=tmp.parent) as scratch:
         collection = Path(scratch) / "docs.jsonl"
-        docids = write_dense_collection(corpus, collection)
+        docids = write_dense_collection(corpus, collection, skip_empty)
         logger.info("encoding %d documents of %s with %s", len(docids), corpus, spec.model_dir)
         run_streaming("pyserini.encode", ["input", "--corpus", str(collection), "--fields", "text",
                                           "output", "--embeddings", str(tmp), "--to-faiss",
@@ -155,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             out = reuse_index(spec, args.corpus, args.reuse_index, args.output, args.overwrite)
         else:
-            out = encode_corpus(spec, args.corpus, args.output, args.batch_size, args.device, args.overwrite)
+            out = encode_corpus(spec, args.corpus, args.output, args.batch_size, args.device, args.overwrite,
+                                args.skip_empty)
     except (MatryoshkaError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
