@@ -29,7 +29,8 @@ the relative layer cost (1.0 = every candidate ran every layer).
 
 Outputs are kept in ``--work`` and reused by a rerun (file names carry the settings: model digest, alpha, reranker
 manifest digest, depth, W); each appears complete or not at all. The table goes to ``--report`` (markdown, with the
-command, the machine and thread counts) and ``--work``/results.json::
+command, the machine and thread counts) and ``--work``/results-<datasets>.json (one file per dataset list, so a
+run on other collections keeps the first one's)::
 
     python benchmarks/dense_pipeline.py --work runs/dense-bench
 """
@@ -172,17 +173,17 @@ class Pipeline(Stages):
         a = self.args
         if a.alpha is not None:
             return a.alpha, {"given": a.alpha}
-        split_name, data, prepared = self.selection()
-        cache = a.work / f"alpha-{split_name}-{model.tag}.json"
-        if cache.is_file() and json.loads(cache.read_text())["grid"] == a.alpha_grid:
-            found = json.loads(cache.read_text())
+        sel = self.selection()
+        cache = a.work / f"alpha-{sel.tag}-{model.tag}.json"
+        found = json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else {}
+        if found.get("grid") == a.alpha_grid:
             return float(found["alpha"]), found
-        index, flags = self.encode(model, a.select_on.split(":")[0])
+        index, flags = self.encode(model, sel.name)
         scores = {}
         for alpha in a.alpha_grid:
-            stage = FirstStage("hybrid", f"hybrid-{model.tag}-{alpha}", "pyserini.search.hybrid", flags, index, alpha)
-            out = self.retrieve(stage, prepared, a.work / "runs" / split_name / f"{stage.stem}.txt")
-            scores[str(alpha)] = evaluate(prepared.qrels, out)["nDCG@10"]
+            stage = FirstStage.hybrid("", model, flags, index, alpha)
+            out = self.retrieve(stage, sel.prepared, a.work / "runs" / sel.tag / f"{stage.stem}.txt")
+            scores[str(alpha)] = evaluate(sel.prepared.qrels, out)["nDCG@10"]
         best = max(a.alpha_grid, key=lambda x: (scores[str(x)], -x))
         found = {"grid": a.alpha_grid, "ndcg10": scores, "alpha": best}
         atomic_json(cache, found)
@@ -192,7 +193,7 @@ class Pipeline(Stages):
         """The cascade's first-stage weight for ``stage``: ``python -m matryoshka tune --run`` on the stage's run of
         the selection split, cut to the top ``--depth`` (the candidates the cascade reranks); cached."""
         a = self.args
-        split_name, data, prepared = self.selection()
+        sel = self.selection()
         folder = a.work / "cascade-tune"
         sweep = folder / f"{stage.stem}-{a.manifest_digest}-top{a.depth}.json"
         weights = [f"{w:g}" for w in a.cascade_weights]
@@ -200,12 +201,12 @@ class Pipeline(Stages):
             found = json.loads(sweep.read_text(encoding="utf-8"))
             if sorted(found["full_ndcg10_by_first_stage_weight"]) == sorted(weights):
                 return found
-        run_file = self.retrieve(stage, prepared, a.work / "runs" / split_name / f"{stage.stem}.txt")
+        run_file = self.retrieve(stage, sel.prepared, a.work / "runs" / sel.tag / f"{stage.stem}.txt")
         top = folder / f"{stage.stem}-top{a.depth}.txt"
         with atomic_write(top) as handle:
             handle.writelines(truncate_run(run_file.read_text(encoding="utf-8").splitlines(True), a.depth))
-        self.py("-m", "matryoshka", "tune", "--model", a.reranker_model, "--data", data, "--split",
-                split_name.rsplit("-", 1)[1], "--work", a.work / "pyserini", "--run", top, "--depths", "all",
+        self.py("-m", "matryoshka", "tune", "--model", a.reranker_model, "--data", sel.data, "--split", sel.split,
+                "--work", a.work / "pyserini", "--run", top, "--depths", "all",
                 "--first-stage-weights", *weights, "--threads", a.threads, "--dry-run", "--sweep-output", sweep,
                 "--cache", sweep.with_suffix(".npz"))
         return json.loads(sweep.read_text(encoding="utf-8"))
@@ -215,8 +216,9 @@ class Pipeline(Stages):
         from matryoshka.pipeline import prepare_beir
 
         a = self.args
-        prepared = prepare_beir(dataset_dir(name), "test", a.work / "pyserini", threads=a.threads)
-        runs_dir = a.work / "runs" / dataset_dir(name).name
+        data = dataset_dir(name)
+        prepared = prepare_beir(data, "test", a.work / "pyserini", threads=a.threads)
+        runs_dir = a.work / "runs" / data.name
         judged = len({line.split()[0] for line in prepared.qrels.read_text(encoding="utf-8").splitlines() if line})
         rows = []
         for stage in stages:
@@ -272,12 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     weights: dict[str, float | None] = {}
     tuned: dict[str, dict] = {}
     if not args.no_cascade and args.cascade_weights:
-        for stage in pipe.first_stages(args.select_on.split(":")[0], models, alphas):
+        for stage in pipe.first_stages(pipe.selection().name, models, alphas):
             tuned[stage.label] = pipe.tune_cascade(stage)
             weights[stage.stem] = float(tuned[stage.label]["first_stage_weight"])
     results = {name: pipe.dataset_rows(name, pipe.first_stages(name, models, alphas), weights)
                for name in args.datasets}
-    atomic_json(args.work / "results.json", results)
+    atomic_json(args.work / f"results-{'-'.join(dataset_dir(n).name for n in args.datasets)}.json", results)
     dev = {k: v["nDCG@10"] for k, v in selection.get("results", {}).items()}
     recipe = ("query-side fine-tuning: the passage encoder stays all-MiniLM-L6-v2 and each training query is scored "
               "against every document of its corpus's off-the-shelf index, graded positives as the target"

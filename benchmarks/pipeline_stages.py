@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from matryoshka.io import atomic_write
+from matryoshka.training.dense.config import DenseConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -69,6 +70,26 @@ class FirstStage:
     index: Path | None = None  # Faiss index (faiss, hybrid)
     alpha: float | None = None  # hybrid: alpha * BM25 + dense
 
+    @classmethod
+    def hybrid(cls, label: str, model: DenseModel, flags: tuple[str, ...], index: Path, alpha: float) -> FirstStage:
+        """Pyserini's hybrid of BM25 and ``model`` (its run stem is shared by alpha and cascade tuning)."""
+        return cls(f"hybrid BM25 + dense {label}", f"hybrid-{model.tag}-{alpha}", "pyserini.search.hybrid", flags,
+                   index, alpha)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The ``--select-on`` split: dataset name as given, split, BEIR folder, Pyserini files."""
+
+    name: str
+    split: str
+    data: Path
+    prepared: Any
+
+    @property
+    def tag(self) -> str:  # folder name of its runs
+        return f"{self.data.name}-{self.split}"
+
 
 @dataclass
 class Stages:
@@ -77,7 +98,7 @@ class Stages:
     args: argparse.Namespace
     log: Path
     env: dict[str, str] = field(default_factory=dict)
-    selected: tuple[str, Path, Any] | None = None  # the --select-on split, prepared once
+    selected: Selection | None = None  # the --select-on split, prepared once
 
     def py(self, *cmd: object) -> None:
         run([sys.executable, *map(str, cmd)], self.log, self.env)
@@ -105,7 +126,7 @@ class Stages:
         if not (out / "dense_index.json").is_file():
             if model.plain:
                 extra = ["--pooling", "mean", "--normalize"]
-            elif json.loads((model.path / "dense_config.json").read_text(encoding="utf-8")).get("passage_encoder"):
+            elif DenseConfig.load(model.path).passage_encoder:
                 extra = ["--reuse_index", self.base_index(name)]
             else:
                 extra = []
@@ -125,9 +146,7 @@ class Stages:
             index, flags = self.encode(model, name)
             stages.append(FirstStage(f"dense {label}", f"dense-{model.tag}", "pyserini.search.faiss", flags, index))
             if model.tag in alphas:
-                alpha = alphas[model.tag]
-                stages.append(FirstStage(f"hybrid BM25 + dense {label}", f"hybrid-{model.tag}-{alpha}",
-                                         "pyserini.search.hybrid", flags, index, alpha))
+                stages.append(FirstStage.hybrid(label, model, flags, index, alphas[model.tag]))
         return stages
 
     def retrieve(self, stage: FirstStage, prepared: Any, output: Path, rerank: Sequence[object] = ()) -> Path:
@@ -144,15 +163,15 @@ class Stages:
         return self.search(stage.module, output, "--index", index, "--topics", prepared.topics, *extra, "--hits",
                            a.hits, "--threads", a.threads, "--batch-size", 64, "--output", output, *rerank, *docs)
 
-    def selection(self) -> tuple[str, Path, Any]:
-        """(name, BEIR folder, Pyserini files) of the ``--select-on`` split."""
+    def selection(self) -> Selection:
+        """The ``--select-on`` split, prepared for Pyserini (once)."""
         from matryoshka.pipeline import prepare_beir
 
         if self.selected is None:
             name, split = self.args.select_on.split(":")
             data = dataset_dir(name)
-            self.selected = (f"{data.name}-{split}", data,
-                             prepare_beir(data, split, self.args.work / "pyserini", threads=self.args.threads))
+            self.selected = Selection(name, split, data, prepare_beir(data, split, self.args.work / "pyserini",
+                                                                      threads=self.args.threads))
         return self.selected
 
 
@@ -166,9 +185,9 @@ def truncate_run(lines: Sequence[str], depth: int) -> list[str]:
     seen: dict[str, int] = {}
     kept = []
     for line in lines:
-        qid = line.split(maxsplit=1)[0] if line.strip() else None
-        if qid is None:
+        if not line.strip():
             continue
+        qid = line.split(maxsplit=1)[0]
         seen[qid] = seen.get(qid, 0) + 1
         if seen[qid] <= depth:
             kept.append(line)

@@ -74,6 +74,11 @@ def load_hf_tokenizer(folder: PathLike, hf_config: Any, pooling: Pooling) -> Any
     return tokenizer
 
 
+def equal_state_dicts(left: Mapping[str, Tensor], right: Mapping[str, Tensor]) -> bool:
+    """Whether two state dicts hold the same tensors under the same names (then they encode identically)."""
+    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
 class BiEncoder(nn.Module):
     """See the module docstring. Build with :meth:`build` (from a base model) or :meth:`load` (a saved folder)."""
 

@@ -44,11 +44,11 @@ def same_encoder(a: PathLike, b: PathLike) -> bool:
     """Whether two Hugging Face model folders hold the same weights (the same folder, or equal tensors)."""
     if Path(a).resolve() == Path(b).resolve():
         return True
-    import torch
     from transformers import AutoModel
 
-    left, right = (AutoModel.from_pretrained(str(p)).state_dict() for p in (a, b))
-    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+    from matryoshka.training.dense.modeling import equal_state_dicts
+
+    return equal_state_dicts(*(AutoModel.from_pretrained(str(p)).state_dict() for p in (a, b)))
 
 
 def check_reusable(spec: EncodingSpec, corpus: PathLike, source: PathLike, info: dict) -> None:

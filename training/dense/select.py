@@ -55,10 +55,9 @@ def soup(base_state: dict, tuned_state: dict, weight: float) -> dict:
 
 def same_weights(a, b) -> bool:
     """Whether two bi-encoders hold identical backbone weights (then their document vectors are the same)."""
-    import torch
+    from matryoshka.training.dense.modeling import equal_state_dicts
 
-    left, right = a.backbone.state_dict(), b.backbone.state_dict()
-    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+    return equal_state_dicts(a.backbone.state_dict(), b.backbone.state_dict())
 
 
 def evaluate(model, doc_ids: list[str], doc_texts: list[str], queries: dict[str, str],
