@@ -227,9 +227,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         mark = " **chosen**" if p == best else ""
         print(f"| {p.policy} | {p.threshold:g} | {p.depth or 'all'} | {p.ndcg10:.4f} | {p.relative_ndcg:.3f} | "
               f"{p.mean_layers:.2f} | {p.relative_cost:.3f}{mark} |")
+    first = result.first_stage_ndcg
+    if first is not None:
+        print(f"\nfirst stage alone ({'BM25' if args.run is None else args.run.name}): nDCG@10 {first:.4f}")
+        if not result.adds_to_first_stage:
+            print(f"warning: on {args.data.name} {args.split} the chosen cascade (nDCG@10 {best.ndcg10:.4f}) does not "
+                  f"beat the first stage alone ({first:.4f}): reranking these candidates costs compute for no gain. "
+                  "Keep the first stage's ranking, or rerank with a stronger model.", file=sys.stderr)
     if args.sweep_output:
         with atomic_write(args.sweep_output) as handle:
-            json.dump({"full_ndcg10": full, "first_stage_weight": weight,
+            json.dump({"full_ndcg10": full, "first_stage_weight": weight, "first_stage_ndcg10": first,
                        "full_ndcg10_by_first_stage_weight": {f"{w:g}": v for w, v in
                                                              result.full_ndcg_by_weight.items()},
                        "points": [p.as_dict() for p in points]}, handle, indent=1)
@@ -244,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "queries": len(candidates), "seed": args.seed,
                     "precision": cascade.precision, "ndcg10": round(best.ndcg10, 4),
                     "full_ndcg10": round(full, 4), "relative_cost": round(best.relative_cost, 4),
+                    "first_stage_ndcg10": None if first is None else round(first, 4),
                     "depths": ["all" if d is None else d for d in depths]}
         if weights != (0.0,):
             tuned_on["first_stage_weights"] = list(weights)

@@ -293,6 +293,13 @@ class TuneResult:
     full_ndcg: float
     points: list[SweepPoint]
     best: SweepPoint
+    #: nDCG@10 of the first stage's own ranking of the recorded candidates (None: the run had no scores)
+    first_stage_ndcg: float | None = None
+
+    @property
+    def adds_to_first_stage(self) -> bool | None:
+        """Whether the chosen point beats the first stage alone (None when the run had no scores)."""
+        return None if self.first_stage_ndcg is None else self.best.ndcg10 > self.first_stage_ndcg
 
 
 def tune(recorded: Recorded, qrels: Mapping[str, Mapping[str, int]],
@@ -304,7 +311,8 @@ def tune(recorded: Recorded, qrels: Mapping[str, Mapping[str, int]],
     weight, by_weight = choose_weight(recorded, qrels, weights)
     full, points = sweep(recorded, qrels, thresholds, first_stage_weight=weight, depths=depths)
     best = choose(points, max_loss=max_loss, cost_target=cost_target)
-    return TuneResult(weight, by_weight, full, points, best)
+    first = None if recorded.first_stage is None else ndcg_at_k(recorded.to_run(recorded.first_stage), qrels)
+    return TuneResult(weight, by_weight, full, points, best, first)
 
 
 def choose(points: Sequence[SweepPoint], max_loss: float | None = 0.01, cost_target: float | None = None

@@ -81,3 +81,22 @@ def test_a_run_from_another_collection_is_refused(setup, capsys: pytest.CaptureF
     assert "query 'q9' is not in" in capsys.readouterr().err
     assert (model / MANIFEST_NAME).read_bytes() == before
     shutil.rmtree(model)
+
+
+def test_says_when_the_cascade_does_not_beat_the_first_stage_alone(setup, capsys: pytest.CaptureFixture[str]
+                                                                    ) -> None:
+    args, run = setup
+    # a perfect first stage: each query's grade-2 document first, its grade-1 document second
+    lines = [line.split() for line in run.read_text().splitlines()]
+    qrels, perfect = {}, []
+    for qid in QUERIES:
+        docs = sorted(fields[2] for fields in lines if fields[0] == qid)
+        qrels[qid] = {docs[0]: 2, docs[1]: 1}
+        perfect += [f"{qid} Q0 {d} {r} {10 - r}.0 hybrid\n" for r, d in enumerate(docs, start=1)]
+    run.write_text("".join(perfect))
+    pipeline.prepare_beir(None, None, None).dataset.qrels = qrels  # the fixture's stand-in, one object
+    assert tune_main(args) == 0
+    captured = capsys.readouterr()
+    assert "first stage alone (hybrid-dev.trec): nDCG@10 1.0000" in captured.out
+    assert "does not beat the first stage alone (1.0000)" in captured.err
+    assert load_manifest(Path(args[1]), verify=True).policy.tuned_on["first_stage_ndcg10"] == 1.0

@@ -12,7 +12,7 @@ from matryoshka.errors import OptionError
 from matryoshka.plugin.cascade import Cascade
 from matryoshka.plugin.policies import make_policy
 from matryoshka.plugin.testing import build_synthetic_model
-from matryoshka.plugin.tuning import SweepPoint, choose, record_exit_scores, replay
+from matryoshka.plugin.tuning import Recorded, SweepPoint, choose, record_exit_scores, replay, tune
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,3 +99,18 @@ def test_tune_cache_round_trip_key_mismatch_and_corrupt_file(tmp_path: Path) -> 
     path.write_bytes(b"not numpy")
     with pytest.raises(DataFormatError, match="not a tuning cache"):
         load_cached(path, "key-1")
+
+
+def test_tune_compares_with_the_first_stage_alone() -> None:
+    # one query; the reranker ranks the relevant document first, the first stage last
+    qrels = {"q": {"d3": 1}}
+    scores = np.array([[0.0], [1.0], [2.0]])
+
+    def recorded(first: np.ndarray | None) -> Recorded:
+        return Recorded(["q"] * 3, ["d1", "d2", "d3"], np.zeros(3, dtype=np.int64), scores, (6,), (0.1,),
+                        np.array([1.0]), first)
+    result = tune(recorded(np.array([3.0, 2.0, 1.0])), qrels, [0.0], depths=[None], max_loss=0.5)
+    assert result.first_stage_ndcg == pytest.approx(0.5) and result.best.ndcg10 == pytest.approx(1.0)
+    assert result.adds_to_first_stage is True
+    unscored = tune(recorded(None), qrels, [0.0], depths=[None], max_loss=0.5)
+    assert unscored.first_stage_ndcg is None and unscored.adds_to_first_stage is None
