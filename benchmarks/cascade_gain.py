@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -194,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MatryoshkaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    command = "python benchmarks/cascade_gain.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = shlex.join(["python", "benchmarks/cascade_gain.py", *(argv if argv is not None else sys.argv[1:])])
     report = render(sections, command)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.output) as handle:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MatryoshkaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    command = "python benchmarks/soup_tradeoff.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = shlex.join(["python", "benchmarks/soup_tradeoff.py", *(argv if argv is not None else sys.argv[1:])])
     report = render(args.weights, results, command)
     with atomic_write(args.output) as handle:
         handle.write(report)
@@ -133,7 +134,9 @@ def tradeoff(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
         docs = torch.as_tensor(vectors)
         row = []
         for w in args.weights:
-            tuned.load_state_dict(soup(base_state, tuned_state, w))
+            # the ends exactly (base + 1 * (tuned - base) differs from tuned by rounding)
+            state = base_state if w == 0.0 else tuned_state if w == 1.0 else soup(base_state, tuned_state, w)
+            tuned.load_state_dict(state)
             row.append(evaluate(tuned, list(ids), [], data.split_queries, data.qrels, args.batch_size, docs=docs))
         results[f"{s.name} {s.split}"] = row
         logger.info("%s %s: %s", s.name, s.split, [r["nDCG@10"] for r in row])
