@@ -35,6 +35,18 @@ def encode(*args: object) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True)
 
 
+def train_error(capsys: pytest.CaptureFixture[str], *args: object) -> str:
+    """The one-line error of a training run that must fail before training, run in this process (the CLI's
+    ``main``, exit status 2; a subprocess per case would spend seconds importing torch each time)."""
+    from matryoshka.training.dense.__main__ import main as dense_main
+
+    capsys.readouterr()
+    assert dense_main([str(a) for a in args]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: ")
+    return line
+
+
 def last_error(proc: subprocess.CompletedProcess[str]) -> str:
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
@@ -80,16 +92,16 @@ def test_distillation_and_custom_mode(tiny: dict[str, Path], tmp_path: Path) -> 
     assert (saved["mode"], saved["pooling"], saved["query_prefix"]) == ("custom", "cls", "query:")
 
 
-def test_trainer_bad_input(tiny: dict[str, Path], tmp_path: Path) -> None:
+def test_trainer_bad_input(tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     common = ["--train_sets", tiny["train"], "--output_dir", tmp_path / "out"]
+    # the command itself exits with status 2 and a one-line error
     assert "base_model=''" in last_error(train(*common, check=False))
-    assert "base model config not found" in last_error(train("--base_model", tmp_path / "none", *common, check=False))
-    line = last_error(train("--base_model", tiny["base"], "--mode", "custom", "--negatives_cross_device", *common,
-                            check=False))
+    assert "base model config not found" in train_error(capsys, "--base_model", tmp_path / "none", *common)
+    line = train_error(capsys, "--base_model", tiny["base"], "--mode", "custom", "--negatives_cross_device", *common)
     assert "negatives_cross_device=True is invalid" in line
     bad_teacher = tmp_path / "teacher.tsv"
     bad_teacher.write_text("q0\td0\t1.0\n")
-    line = last_error(train("--base_model", tiny["base"], "--teacher_files", bad_teacher, *common, check=False))
+    line = train_error(capsys, "--base_model", tiny["base"], "--teacher_files", bad_teacher, *common)
     assert "has no teacher score for documents" in line and str(bad_teacher) in line
     assert not (tmp_path / "out" / "model").exists()
 
@@ -173,27 +185,28 @@ def test_corpus_mode_trains_the_query_encoder_against_the_fixed_index(tiny: dict
         BiEncoder.load(model_dir)
 
 
-def test_corpus_mode_bad_input(tiny: dict[str, Path], corpus_mode: dict[str, Path], tmp_path: Path) -> None:
+def test_corpus_mode_bad_input(tiny: dict[str, Path], corpus_mode: dict[str, Path], tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
     base, index = corpus_mode["base"], corpus_mode["index"]
     common = ["--base_model", base, "--normalize", "--train_sets", tiny["train"], "--group_size", 2,
               "--output_dir", tmp_path / "out"]
-    line = last_error(train(*common, "--mode", "corpus", check=False))
+    line = train_error(capsys, *common, "--mode", "corpus")
     assert "passage_indexes=[] is invalid" in line
-    line = last_error(train(*common, "--passage_indexes", index, check=False))
+    line = train_error(capsys, *common, "--passage_indexes", index)
     assert "none outside corpus mode" in line
-    line = last_error(train(*common, "--mode", "corpus", "--passage_indexes", index, index, check=False))
+    line = train_error(capsys, *common, "--mode", "corpus", "--passage_indexes", index, index)
     assert "one Faiss index folder per training set (1)" in line
-    line = last_error(train(*common, "--mode", "corpus", "--passage_indexes", index, "--teacher_files",
-                            tiny["teacher"], check=False))
+    line = train_error(capsys, *common, "--mode", "corpus", "--passage_indexes", index, "--teacher_files",
+                       tiny["teacher"])
     assert "none in corpus mode" in line
     corpus = tiny_corpus()
     del corpus["d3"]  # the positive of q3
     partial = write_flat_index(tmp_path / "partial", base, corpus)
-    line = last_error(train(*common, "--mode", "corpus", "--passage_indexes", partial, check=False))
+    line = train_error(capsys, *common, "--mode", "corpus", "--passage_indexes", partial)
     assert "1 positives of training set" in line and "'d3'" in line and str(partial / "docid") in line
     other = write_flat_index(tmp_path / "other", base, prefix="red")  # documents encoded with a passage prefix
-    line = last_error(train(*common, "--mode", "corpus", "--passage_indexes", other, check=False))
+    line = train_error(capsys, *common, "--mode", "corpus", "--passage_indexes", other)
     assert "differ from the passage encoder's" in line and str(other / "index") in line
-    line = last_error(train(*common, "--mode", "corpus", "--passage_indexes", tmp_path / "missing", check=False))
+    line = train_error(capsys, *common, "--mode", "corpus", "--passage_indexes", tmp_path / "missing")
     assert "Faiss index folder not found" in line
     assert not (tmp_path / "out" / "model").exists()
