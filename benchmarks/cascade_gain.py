@@ -39,6 +39,7 @@ if str(REPO) not in sys.path:
 
 from matryoshka.errors import DataFormatError, MatryoshkaError, OptionError  # noqa: E402
 from matryoshka.io import atomic_write  # noqa: E402
+from matryoshka.io.beir import BeirDataset  # noqa: E402
 from matryoshka.metrics import ndcg_at_k  # noqa: E402
 from matryoshka.plugin.tuning import Recorded  # noqa: E402
 
@@ -129,7 +130,7 @@ def check(args: argparse.Namespace) -> None:
         raise OptionError("--weights", bad[0], "numbers in [0, 1]")
 
 
-def record(args: argparse.Namespace, data: Path, run_path: Path, dataset: object) -> Recorded:
+def record(args: argparse.Namespace, data: Path, run_path: Path, dataset: BeirDataset) -> Recorded:
     """The exit scores of the run's top ``--depth`` candidates, from ``--cache`` when recorded before."""
     from benchmarks.pipeline_stages import truncate_run
     from matryoshka.io import read_run
@@ -144,7 +145,7 @@ def record(args: argparse.Namespace, data: Path, run_path: Path, dataset: object
     with atomic_write(cut) as handle:
         handle.writelines(lines)
     run = read_run(cut)
-    corpus, topics = dataset.corpus, dataset.queries  # type: ignore[attr-defined]
+    corpus, topics = dataset.corpus, dataset.queries
     for qid, hits in run.queries.items():
         if qid not in topics:
             raise DataFormatError(run_path, None, f"query {qid!r} is not in {data}/queries.jsonl",
