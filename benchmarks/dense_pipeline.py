@@ -62,6 +62,7 @@ from benchmarks.pipeline_stages import (  # noqa: E402
     truncate_run,
 )
 from matryoshka.io import atomic_write  # noqa: E402
+from matryoshka.training.dense.select import SELECTION_FILE  # noqa: E402
 
 logger = logging.getLogger("dense_pipeline")
 
@@ -133,8 +134,10 @@ class Pipeline(Stages):
     def fine_tuned(self) -> tuple[Path, dict]:
         """(model folder, selection summary): train when no checkpoint exists, then select on the dev split."""
         a = self.args
-        if a.fine_tuned is not None:
-            return a.fine_tuned, {"given": str(a.fine_tuned)}
+        if a.fine_tuned is not None:  # a folder saved by select --save_best says how it was chosen
+            saved = a.fine_tuned / SELECTION_FILE
+            return a.fine_tuned, (json.loads(saved.read_text(encoding="utf-8")) if saved.is_file()
+                                  else {"given": str(a.fine_tuned)})
         out = a.work / a.name
         selected, summary_file = out / "selected", out / "select.json"
         if (selected / "dense_config.json").is_file() and summary_file.is_file():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,3 +68,14 @@ def test_retrieve_builds_each_first_stage_command(pipeline, tmp_path: Path) -> N
     n = len(calls)
     pipe.retrieve(FirstStage("BM25", "bm25", "pyserini.search.lucene"), prepared, tmp_path / "runs" / "b.txt")
     assert len(calls) == n
+
+
+def test_a_given_model_reports_the_selection_saved_with_it(pipeline, tmp_path: Path) -> None:
+    pipe, calls = pipeline
+    given = tmp_path / "selected"
+    given.mkdir()
+    pipe.args.fine_tuned = given
+    assert pipe.fine_tuned() == (given, {"given": str(given)})
+    summary = {"best": "run/checkpoint-9/model @ soup 0.75", "results": {"base": {"nDCG@10": 0.3}}}
+    (given / "selection.json").write_text(json.dumps(summary), encoding="utf-8")
+    assert pipe.fine_tuned() == (given, summary) and not calls  # nothing trained or selected again

@@ -59,6 +59,8 @@ def test_select_scores_candidates_and_saves_the_best(setup: tuple[Path, Path, Pa
     assert summary["best"] != "base" and summary["saved"] == str(best)
     reloaded = BiEncoder.load(best)
     assert reloaded.config.passage_max_length == 32 and reloaded.config.normalize
+    # the saved model says how it was chosen
+    assert json.loads((best / "selection.json").read_text()) == summary
 
 
 def test_select_refuses_test_split_and_bad_soups(setup: tuple[Path, Path, Path], tmp_path: Path,

@@ -11,7 +11,8 @@ fine-tuning) encodes documents with its frozen passage encoder; when that is the
 document vectors are reused.
 
 The scores go to ``--output`` (JSON) and the best candidate that is not the base model to ``--save_best`` as a
-dense model folder (written atomically; the JSON says whether it beats the base model)::
+dense model folder (written atomically; the JSON says whether it beats the base model, and a copy goes into that
+folder as ``selection.json``)::
 
     python -m matryoshka.training.dense.select --data /work/shared/data/nfcorpus --split dev \
         --base <all-MiniLM-L6-v2 dir> --candidates runs/dense/checkpoint-21/model runs/dense/model \
@@ -33,6 +34,8 @@ from matryoshka.io import atomic_write
 from matryoshka.metrics import ndcg_of_ranking
 
 logger = logging.getLogger(__name__)
+#: the selection summary, also written into the ``--save_best`` folder
+SELECTION_FILE = "selection.json"
 
 
 #: trec_eval's ``ndcg_cut.k`` of one ranking, shared with the rest of the project
@@ -174,6 +177,10 @@ def select(args: argparse.Namespace) -> int:
         chosen.config.passage_max_length = settings.passage_max_length
         chosen.save(args.save_best, overwrite=True)
         summary["saved"] = str(args.save_best)
+        # the model carries how it was chosen (what benchmarks/dense_pipeline.py --fine-tuned reports)
+        with atomic_write(args.save_best / SELECTION_FILE) as handle:
+            json.dump(summary, handle, indent=2)
+            handle.write("\n")
     with atomic_write(args.output) as handle:
         json.dump(summary, handle, indent=2)
         handle.write("\n")
