@@ -13,6 +13,9 @@ the run) and fused with the run's scores as the plugin does (``plugin/fusion.py`
 is the reranker alone, W = 1 the first stage alone (nDCG@10 computed here, ties broken by docid as the reranker
 breaks them; trec_eval breaks them the other way, so it can differ slightly from the pipeline's figure).
 
+Each section ends with the best W at shallower rerank depths (``--depths``): only each query's top N candidates
+rescored, the others below them in first-stage order, as the plugin ranks a run with ``--matryoshka.depth N``.
+
 This is a **diagnostic, not a result**: the W giving the best nDCG@10 here is read off the test split, so it is
 an upper bound on what any tuned W can give. The pipeline's own W is tuned on NFCorpus dev
 (``benchmarks/dense_pipeline.py``). When no W beats W = 1, no fusion weight can make the cascade add to that first
@@ -75,14 +78,31 @@ def gain_rows(recorded: Recorded, qrels: Qrels, weights: Sequence[float], subset
     return rows
 
 
-def render(sections: Sequence[tuple[str, dict[str, int], list[dict[str, float]]]], command: str) -> str:
-    """Markdown: per section (title, query count per subset, rows) a table of nDCG@10 by W, the best W per column
-    in bold, W = 0 / 1 named."""
+def depth_rows(recorded: Recorded, qrels: Qrels, weights: Sequence[float], depths: Sequence[int]
+               ) -> list[dict[str, float]]:
+    """Per rerank depth (each query's top ``depth`` first-stage candidates rescored and fused, the others below them
+    in first-stage order, as the plugin ranks them): the best W over all queries (ties: the smallest) and its
+    nDCG@10."""
+    from matryoshka.plugin.policies import make_policy
+
+    policy = make_policy("fixed", None, recorded.exits, 1.0)  # the final exit for every candidate
+    rows = []
+    for depth in depths:
+        by_weight = {w: ndcg_at_k(recorded.to_run(recorded.replay(policy, w, depth)[0]), qrels) for w in weights}
+        best = max(sorted(by_weight), key=lambda w: by_weight[w])
+        rows.append({"depth": depth, "W": best, "nDCG@10": by_weight[best]})
+    return rows
+
+
+def render(sections: Sequence[tuple[str, dict[str, int], list[dict[str, float]], list[dict[str, float]]]],
+           command: str) -> str:
+    """Markdown: per section (title, query count per subset, rows, depth rows) a table of nDCG@10 by W, the best W
+    per column in bold, W = 0 / 1 named, then the best W per rerank depth."""
     out = ["# Where the cascade can add to a first stage", "",
            "Diagnostic, not a result: W is read off the test split here, so each column's best is an upper bound on",
            "what a W tuned elsewhere can give. W = 0 is the reranker alone, W = 1 the first stage alone.", "",
            f"`{command}`", ""]
-    for title, counts, rows in sections:
+    for title, counts, rows, by_depth in sections:
         names = list(counts)
         best = {n: max(r[n] for r in rows) for n in names}
         out += [f"## {title}", "",
@@ -96,6 +116,10 @@ def render(sections: Sequence[tuple[str, dict[str, int], list[dict[str, float]]]
         if first is not None:
             verdict = [f"{n}: best W adds {best[n] - first[n]:+.4f} over the first stage alone" for n in names]
             out += ["", "; ".join(verdict) + "."]
+        if by_depth:
+            out += ["", "Best W per rerank depth (all queries; the rest keep the first-stage order below):", "",
+                    "| depth | best W | nDCG@10 |", "|---:|---:|---:|"]
+            out += [f"| {int(r['depth'])} | {r['W']:g} | {r['nDCG@10']:.4f} |" for r in by_depth]
         out.append("")
     return "\n".join(out)
 
@@ -112,6 +136,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="split whose relevant documents make a query 'seen' (default train; none: no split)")
     p.add_argument("--depth", type=int, default=20, help="candidates per query the cascade reranks (default 20)")
     p.add_argument("--weights", type=float, nargs="+", default=list(DEFAULT_WEIGHTS))
+    p.add_argument("--depths", type=int, nargs="*", default=None,
+                   help="also the best W when only each query's top N of the cut run are reranked (each N < --depth; "
+                        "default: those of 5 10 15 below --depth)")
     p.add_argument("--cache", type=Path, required=True, help="folder for the cut runs and recorded exit scores")
     p.add_argument("--output", type=Path, required=True, help="markdown report (written atomically)")
     p.add_argument("--threads", type=int, default=2)
@@ -125,6 +152,11 @@ def check(args: argparse.Namespace) -> None:
         raise OptionError("--labels", args.labels, f"one label, or one per run ({len(args.runs)})")
     if args.depth < 10:
         raise OptionError("--depth", args.depth, "an integer >= 10 (nDCG@10 needs 10 reranked candidates)")
+    if args.depths is None:
+        args.depths = [d for d in (5, 10, 15) if d < args.depth]
+    bad_depths = [d for d in args.depths if not 1 <= d < args.depth]
+    if bad_depths:
+        raise OptionError("--depths", bad_depths[0], f"rerank depths in 1..{args.depth - 1} (below --depth)")
     bad = [w for w in args.weights if not 0.0 <= w <= 1.0]
     if bad:
         raise OptionError("--weights", bad[0], "numbers in [0, 1]")
@@ -190,9 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     logger.info("%s: %s %s queries seen in %s", data.name, "all" if seen else "no", args.split,
                                 args.seen_from)
             recorded = record(args, data, run_path, dataset)
-            rows = gain_rows(recorded, dataset.qrels, sorted(set(args.weights)), subsets)
+            weights = sorted(set(args.weights))
+            rows = gain_rows(recorded, dataset.qrels, weights, subsets)
+            by_depth = depth_rows(recorded, dataset.qrels, weights, [*sorted(set(args.depths)), args.depth])
             sections.append((f"{label} top {args.depth}, {data.name} {args.split}",
-                             {n: len(q) for n, q in subsets.items()}, rows))
+                             {n: len(q) for n, q in subsets.items()}, rows, by_depth))
     except MatryoshkaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

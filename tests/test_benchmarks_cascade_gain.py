@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import cascade_gain
-from benchmarks.cascade_gain import gain_rows, render, seen_queries
+from benchmarks.cascade_gain import depth_rows, gain_rows, render, seen_queries
 from matryoshka.metrics import ndcg_at_k
 from matryoshka.plugin import tuning
 from matryoshka.plugin.testing import build_synthetic_model
@@ -48,10 +48,23 @@ def test_gain_rows_are_the_reranker_at_0_and_the_first_stage_at_1() -> None:
 
 def test_render_marks_each_columns_best_and_the_gain_over_the_first_stage() -> None:
     rows = [{"W": 0.0, "all": 0.5}, {"W": 0.5, "all": 0.7}, {"W": 1.0, "all": 0.6}]
-    text = render([("hybrid top 20, scifact test", {"all": 3}, rows)], "python benchmarks/cascade_gain.py ...")
+    by_depth = [{"depth": 10, "W": 1.0, "nDCG@10": 0.6}, {"depth": 20, "W": 0.5, "nDCG@10": 0.7}]
+    text = render([("hybrid top 20, scifact test", {"all": 3}, rows, by_depth)], "python benchmarks/cascade_gain.py")
     assert "| 0.5 | **0.7000** |" in text and "| 1 (first stage alone) | 0.6000 |" in text
     assert "all: best W adds +0.1000 over the first stage alone." in text
     assert "all (3 queries)" in text
+    assert "| depth | best W | nDCG@10 |\n|---:|---:|---:|\n| 10 | 1 | 0.6000 |\n| 20 | 0.5 | 0.7000 |" in text
+
+
+def test_depth_one_keeps_the_first_stage_order_and_full_depth_is_the_w_table() -> None:
+    recorded = recorded_two_queries()
+    qrels = {"q1": {"d2": 1}, "q2": {"e1": 1}}
+    first = ndcg_at_k(recorded.to_run(recorded.first_stage), qrels)
+    rows = depth_rows(recorded, qrels, [0.0, 0.5, 1.0], [1, 3])
+    # depth 1 rescoring only each query's first candidate cannot reorder anything: every W ties, the smallest wins
+    assert rows[0] == {"depth": 1, "W": 0.0, "nDCG@10": pytest.approx(first)}
+    best = max(r["all"] for r in gain_rows(recorded, qrels, [0.0, 0.5, 1.0], {"all": {"q1", "q2"}}))
+    assert rows[1]["depth"] == 3 and rows[1]["nDCG@10"] == pytest.approx(best)
 
 
 @pytest.fixture()
@@ -106,6 +119,8 @@ def test_bad_input_names_the_problem_and_writes_nothing(collection, tmp_path: Pa
     assert "one label, or one per run (1)" in capsys.readouterr().err
     assert cascade_gain.main([*base, "--runs", str(run), "--depth", "5"]) == 2
     assert "--depth" in capsys.readouterr().err
+    assert cascade_gain.main([*base, "--runs", str(run), "--depth", "12", "--depths", "12"]) == 2
+    assert "rerank depths in 1..11" in capsys.readouterr().err
     stray = tmp_path / "stray.txt"
     stray.write_text(run.read_text() + "q2 Q0 not-a-doc 13 0.1 first\n")
     assert cascade_gain.main([*base, "--runs", str(stray), "--depth", "20"]) == 2
