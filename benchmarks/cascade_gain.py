@@ -167,7 +167,7 @@ def record(args: argparse.Namespace, data: Path, run_path: Path, dataset: BeirDa
     from benchmarks.pipeline_stages import truncate_run
     from matryoshka.io import read_run
     from matryoshka.plugin.cascade import Cascade
-    from matryoshka.plugin.tune_cli import load_cached, save_cached
+    from matryoshka.plugin.tune_cli import check_run_in_collection, load_cached, recording_key, save_cached
     from matryoshka.plugin.tuning import record_run
 
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -177,23 +177,14 @@ def record(args: argparse.Namespace, data: Path, run_path: Path, dataset: BeirDa
     with atomic_write(cut) as handle:
         handle.writelines(lines)
     run = read_run(cut)
-    corpus, topics = dataset.corpus, dataset.queries
-    for qid, hits in run.queries.items():
-        if qid not in topics:
-            raise DataFormatError(run_path, None, f"query {qid!r} is not in {data}/queries.jsonl",
-                                  "pass the run retrieved from this --data collection")
-        for entry in hits:
-            if entry.docid not in corpus:
-                raise DataFormatError(run_path, None, f"document {entry.docid!r} of query {qid!r} is not in "
-                                      f"{data}/corpus.jsonl", "pass the run retrieved from this --data collection")
+    check_run_in_collection(run, run_path, data, dataset.corpus, dataset.queries, args.split)
     cascade = Cascade(args.model, threads=args.threads)
-    key = hashlib.sha256("\n".join([cascade.precision, *(s.files[cascade.precision].sha256 for s in
-                                                          cascade.manifest.stages), stem]).encode()).hexdigest()
+    key = recording_key(cascade, [stem])
     npz = args.cache / f"{stem}.npz"
     recorded = load_cached(npz, key)
     if recorded is None:
-        texts = {e.docid: corpus[e.docid].contents for hits in run.queries.values() for e in hits}
-        recorded = record_run(cascade, run.queries, topics, texts)
+        texts = {e.docid: dataset.corpus[e.docid].contents for hits in run.queries.values() for e in hits}
+        recorded = record_run(cascade, run.queries, dataset.queries, texts)
         save_cached(npz, key, recorded)
     if recorded.first_stage is None:
         raise DataFormatError(run_path, None, "the run has no scores", "pass a TREC run with its retrieval scores")

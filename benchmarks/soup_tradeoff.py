@@ -101,7 +101,7 @@ def tradeoff(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
     from matryoshka.training.dense.config import DenseConfig
     from matryoshka.training.dense.corpus import read_faiss_vectors
     from matryoshka.training.dense.modeling import BiEncoder
-    from matryoshka.training.dense.select import evaluate, same_weights, soup
+    from matryoshka.training.dense.select import base_encoder, evaluate, frozen_base, soup
 
     sets = [EvalSet.parse(text) for text in args.sets]
     bad = [w for w in args.weights if not 0.0 <= w <= 1.0]
@@ -112,11 +112,8 @@ def tradeoff(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
                                 "pass a folder saved by python -m matryoshka.training.dense")
     torch.set_num_threads(args.threads)
     tuned = BiEncoder.load(args.model)
-    c = tuned.config
-    base = BiEncoder.build(args.base, pooling=c.pooling, normalize=c.normalize, query_prefix=c.query_prefix,
-                           passage_prefix=c.passage_prefix, query_max_length=c.query_max_length,
-                           passage_max_length=c.passage_max_length)
-    if tuned.passage_source is None or not same_weights(tuned.passage_model(), base):
+    base = base_encoder(args.base, tuned.config, tuned.config.passage_max_length)
+    if not frozen_base(tuned, base):
         raise OptionError("--model", str(args.model), "a query-side fine-tuned model (--mode corpus) whose passage "
                           "encoder is --base: its soups then share the base index's document vectors")
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
@@ -126,8 +123,9 @@ def tradeoff(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
         data = load_beir(s.data, s.split)
         ids, vectors = read_faiss_vectors(s.index)
         # encode --skip_empty leaves out documents without text: those may be missing, nothing else
-        missing = [d for d in data.corpus if d not in set(ids) and data.corpus[d].contents.strip()]
-        stray = set(ids) - set(data.corpus)
+        indexed = set(ids)
+        missing = [d for d, doc in data.corpus.items() if d not in indexed and doc.contents.strip()]
+        stray = indexed - set(data.corpus)
         if missing or stray:
             what = f"document {missing[0]!r} is missing" if missing else f"{sorted(stray)[0]!r} is not in the corpus"
             raise OptionError("--sets", f"{s.name}:{s.index}", f"an index of {s.data}'s corpus ({what})")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import sys
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from matryoshka.errors import DataFormatError, MatryoshkaError, OptionError
-from matryoshka.io import read_run
+from matryoshka.io import Run, read_run
 from matryoshka.io.atomic import atomic_write
 from matryoshka.plugin.cascade import Cascade
 from matryoshka.plugin.manifest import PolicySpec, load_manifest, write_manifest
@@ -121,13 +122,30 @@ def sample_queries(candidates: dict, qrels: Mapping[str, Mapping[str, int]], n: 
 
 def cache_key(cascade: Cascade, args: argparse.Namespace) -> str:
     """What the recorded scores depend on: the stage files run, the data and the candidate sample."""
-    import hashlib
-
-    parts = [cascade.precision, *(s.files[cascade.precision].sha256 for s in cascade.manifest.stages),
-             str(args.data.resolve()), args.split, str(args.hits), str(args.queries), str(args.seed)]
+    parts = [str(args.data.resolve()), args.split, str(args.hits), str(args.queries), str(args.seed)]
     if getattr(args, "run", None) is not None:  # another first stage: its candidates and scores
         parts.append(hashlib.sha256(Path(args.run).read_bytes()).hexdigest())
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return recording_key(cascade, parts)
+
+
+def recording_key(cascade: Cascade, parts: Sequence[str]) -> str:
+    """Cache key of exit scores recorded with ``cascade``'s stage files over what ``parts`` describe."""
+    files = [cascade.precision, *(s.files[cascade.precision].sha256 for s in cascade.manifest.stages)]
+    return hashlib.sha256("\n".join([*files, *parts]).encode()).hexdigest()
+
+
+def check_run_in_collection(run: Run, run_path: Path, data: Path, corpus: Mapping[str, object],
+                            queries: Mapping[str, str], split: str) -> None:
+    """DataFormatError naming ``run_path`` when a run's document is not in ``data``'s corpus or its query is not
+    among ``data``'s queries (a run retrieved from another collection)."""
+    unknown = [(q, e.docid) for q, hits in run.queries.items() for e in hits if e.docid not in corpus]
+    if unknown:
+        raise DataFormatError(run_path, None, f"document {unknown[0][1]!r} of query {unknown[0][0]!r} is not in "
+                              f"{data}/corpus.jsonl", "pass the run retrieved from this --data collection")
+    stray = [q for q in run.queries if q not in queries]
+    if stray:
+        raise DataFormatError(run_path, None, f"query {stray[0]!r} is not in {data}/queries.jsonl",
+                              f"pass a run of this collection's {split} queries")
 
 
 def load_cached(path: Path, key: str) -> Recorded | None:
@@ -186,15 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = read_run(run_path)
         if args.run is not None:  # the given run's depth replaces --hits (cache key, depths, tuned_on)
             args.hits = max((len(h) for h in run.queries.values()), default=0)
-        unknown = [(q, e.docid) for q, hits in run.queries.items() for e in hits
-                   if e.docid not in prepared.dataset.corpus]
-        if unknown:
-            raise DataFormatError(run_path, None, f"document {unknown[0][1]!r} of query {unknown[0][0]!r} is not in "
-                                  f"{args.data}/corpus.jsonl", "pass the run retrieved from this --data collection")
-        stray = [q for q in run.queries if q not in prepared.dataset.queries]
-        if stray:
-            raise DataFormatError(run_path, None, f"query {stray[0]!r} is not in {args.data}/queries.jsonl",
-                                  "pass a run of this collection's dev queries")
+        check_run_in_collection(run, run_path, args.data, prepared.dataset.corpus, prepared.dataset.queries,
+                                args.split)
         candidates = sample_queries(run.queries, prepared.dataset.qrels, args.queries, args.seed)
         # a sample is judged on its own queries only (queries of the qrels without a run would count as 0)
         qrels = prepared.dataset.qrels if args.queries is None else {

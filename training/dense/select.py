@@ -28,10 +28,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from matryoshka.errors import MatryoshkaError, MissingInputError, OptionError
 from matryoshka.io import atomic_write
 from matryoshka.metrics import ndcg_of_ranking
+
+if TYPE_CHECKING:  # torch-heavy: imported where used
+    from matryoshka.training.dense.config import DenseConfig
+    from matryoshka.training.dense.modeling import BiEncoder
 
 logger = logging.getLogger(__name__)
 #: the selection summary, also written into the ``--save_best`` folder
@@ -61,6 +66,22 @@ def same_weights(a, b) -> bool:
     from matryoshka.training.dense.modeling import equal_state_dicts
 
     return equal_state_dicts(a.backbone.state_dict(), b.backbone.state_dict())
+
+
+def base_encoder(base: Path, settings: DenseConfig, passage_max_length: int) -> BiEncoder:
+    """The base model as a bi-encoder with a tuned model's settings (pooling, normalisation, prefixes, lengths):
+    the starting point of its soups and the encoder of the base index."""
+    from matryoshka.training.dense.modeling import BiEncoder
+
+    return BiEncoder.build(base, pooling=settings.pooling, normalize=settings.normalize,
+                           query_prefix=settings.query_prefix, passage_prefix=settings.passage_prefix,
+                           query_max_length=settings.query_max_length, passage_max_length=passage_max_length)
+
+
+def frozen_base(tuned: BiEncoder, base: BiEncoder) -> bool:
+    """Whether ``tuned`` is a query-side fine-tune whose frozen passage encoder is ``base`` (then it, and every soup
+    of it with ``base``, encodes documents as ``base`` does)."""
+    return tuned.passage_source is not None and same_weights(tuned.passage_model(), base)
 
 
 def evaluate(model, doc_ids: list[str], doc_texts: list[str], queries: dict[str, str],
@@ -135,9 +156,7 @@ def select(args: argparse.Namespace) -> int:
 
     first = BiEncoder.load(args.candidates[0])
     settings = first.config
-    base = BiEncoder.build(args.base, pooling=settings.pooling, normalize=settings.normalize,
-                           query_prefix=settings.query_prefix, passage_prefix=settings.passage_prefix,
-                           query_max_length=settings.query_max_length, passage_max_length=args.max_length)
+    base = base_encoder(args.base, settings, args.max_length)
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     results: dict[str, dict[str, float]] = {}
     logger.info("%d documents, %d %s queries", len(doc_ids), len(queries), args.split)
@@ -158,13 +177,13 @@ def select(args: argparse.Namespace) -> int:
         tuned.config.passage_max_length = args.max_length
         tuned_state = {k: v.clone() for k, v in tuned.state_dict().items()}
         # soups change the query side only: a frozen passage encoder equal to the base keeps the base's vectors
-        frozen_base = tuned.passage_source is not None and same_weights(tuned.passage_model(), base)
+        shares_base_docs = frozen_base(tuned, base)
         for weight in [1.0, *args.soups]:
             name = str(folder) if weight == 1.0 else f"{folder} @ soup {weight:g}"
             state = tuned_state if weight == 1.0 else soup(base_state, tuned_state, weight)
             tuned.load_state_dict(state)
             results[name] = evaluate(tuned, doc_ids, doc_texts, queries, data.qrels, args.batch_size,
-                                     docs=base_docs if frozen_base else None)
+                                     docs=base_docs if shares_base_docs else None)
             logger.info("%s: %s", name, results[name])
             if results[name]["nDCG@10"] > best[0]:
                 best = (results[name]["nDCG@10"], name, state)
@@ -177,13 +196,11 @@ def select(args: argparse.Namespace) -> int:
         chosen.config.passage_max_length = settings.passage_max_length
         chosen.save(args.save_best, overwrite=True)
         summary["saved"] = str(args.save_best)
-        # the model carries how it was chosen (what benchmarks/dense_pipeline.py --fine-tuned reports)
-        with atomic_write(args.save_best / SELECTION_FILE) as handle:
+    # the saved model carries how it was chosen (what benchmarks/dense_pipeline.py --fine-tuned reports)
+    for path in [args.output] + ([args.save_best / SELECTION_FILE] if "saved" in summary else []):
+        with atomic_write(path) as handle:
             json.dump(summary, handle, indent=2)
             handle.write("\n")
-    with atomic_write(args.output) as handle:
-        json.dump(summary, handle, indent=2)
-        handle.write("\n")
     print(json.dumps(summary, indent=2))
     return 0
 
