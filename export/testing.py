@@ -95,7 +95,8 @@ def tiny_checkpoint(tmp_dir: str | os.PathLike[str], family: str = "encoder",
                     compress_method: str = "mean", seed: int = 0, readout: str = "token") -> Path:
     """A saved tiny random reranker checkpoint (``tmp_dir/checkpoint_<family>...``) built with the training API.
 
-    ``compression`` (e.g. ``{"layer": 2, "ratio": 2}``) becomes the checkpoint's ``inference_compression``.
+    ``compression`` (e.g. ``{"layer": 2, "ratio": 2}``) becomes the checkpoint's ``inference_compression``;
+    ``readout="cosine"`` builds a segment-attention (bi-encoder-initialised) model.
     """
     import torch
 
@@ -112,7 +113,7 @@ def tiny_checkpoint(tmp_dir: str | os.PathLike[str], family: str = "encoder",
     model = LayerwiseReranker.build(base, exits=tuple(exits), compress_layers=layers, compress_ratios=ratios,
                                     compress_method=compress_method, max_length=max_length,
                                     query_length=query_length, inference_compression=compression, seed=seed,
-                                    readout=readout)
+                                    readout=readout, attention="segments" if readout == "cosine" else "pair")
     # Give every head and compensation distinct non-trivial values, so the export of each exit is really checked.
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -124,6 +125,9 @@ def tiny_checkpoint(tmp_dir: str | os.PathLike[str], family: str = "encoder",
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
             comp.scale.fill_(1.0 + 0.5 * float(torch.rand((), generator=generator)))
             comp.bias.fill_(float(torch.randn((), generator=generator)))
+            if model.projections is not None:
+                project = model.projections[key]
+                project.weight.add_(0.2 * torch.randn(project.weight.shape, generator=generator))
     return model.save(root / f"checkpoint_{tag}", overwrite=True)
 
 

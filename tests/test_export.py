@@ -33,6 +33,8 @@ CASES = {
     "encoder": ("encoder", None, ("int8",), "token"),
     "encoder_compressed": ("encoder", COMPRESSION, ("fp16", "optimized"), "mean"),
     "decoder_compressed": ("decoder", COMPRESSION, ("int8",), "token"),
+    # segment attention + cosine readout (a bi-encoder-initialised reranker)
+    "encoder_segments": ("encoder", None, ("int8",), "cosine"),
 }
 
 
@@ -82,7 +84,8 @@ def _new_batch(folder: Path, seed: int, lengths: list[int]) -> dict[str, np.ndar
     return make_batch(manifest.pair_layout(), lengths, vocab, seed)
 
 
-@pytest.mark.parametrize("name", ["encoder", "encoder_compressed", "decoder", "decoder_compressed"])
+@pytest.mark.parametrize("name", ["encoder", "encoder_compressed", "decoder", "decoder_compressed",
+                                  "encoder_segments"])
 def test_fp32_chain_matches_pytorch_forward_at_every_exit(exported: dict, name: str) -> None:
     folder, checkpoint = exported[name]
     batch = _new_batch(folder, seed=123, lengths=[1, 7, 30, 4, 11])  # batch 5, unseen lengths

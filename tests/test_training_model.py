@@ -162,7 +162,7 @@ def test_load_errors(bases: dict[str, str], tmp_path) -> None:
     ({"compress_layers": (1,), "compress_ratios": (2,), "inference_compression": {"layer": 2, "ratio": 2}},
      "not a trained combination"),
     ({"start_layer": 9}, "start_layer"),
-    ({"readout": "max"}, r"readout='max' is invalid for a encoder: expected one of \['token', 'mean'\]"),
+    ({"readout": "max"}, r"readout='max' is invalid for a encoder: expected one of \['token', 'mean', 'cosine'\]"),
 ])
 def test_config_validation(bases: dict[str, str], kwargs: dict, message: str) -> None:
     with pytest.raises(ModelConfigError, match=message) as info:

@@ -60,7 +60,11 @@ class ModelArguments:
         "help": "keep the token embedding matrix as in the base model (fewer trained weights)"})
     head_seed: int = field(default=0, metadata={"help": "seed of the exit heads' initialisation"})
     readout: str = field(default="token", metadata={
-        "help": "what the exit heads read: 'token' ([CLS] / last token) or 'mean' (encoders: masked token mean)"})
+        "help": "what the exit heads read: 'token' ([CLS] / last token), 'mean' (encoders: masked token mean) or "
+                "'cosine' (encoders with --attention segments: the cosine of the query's and passage's means)"})
+    attention: str = field(default="pair", metadata={
+        "help": "'pair' (a cross-encoder: every token sees every token) or 'segments' (BERT: query and passage "
+                "each attend within themselves, as the bi-encoder encodes them alone)"})
 
     def __post_init__(self) -> None:
         if not self.base_model and not self.init_checkpoint:

@@ -31,9 +31,13 @@ CONFIG_FILE = "matryoshka_config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 COMPRESS_METHODS = ("mean", "attention")
-# what an exit head reads: the family's scoring token ([CLS] / the last token), or (encoders) the masked mean of
-# every token of the pair
-READOUTS = {"encoder": ("token", "mean"), "decoder": ("token",)}
+# what an exit head reads: the family's scoring token ([CLS] / the last token), (encoders) the masked mean of
+# every token of the pair; or (encoders) "cosine": the cosine of the two segments' masked means, as a bi-encoder scores
+READOUTS = {"encoder": ("token", "mean", "cosine"), "decoder": ("token",)}
+# how the pair's tokens attend: "pair" (every token sees every token: a cross-encoder) or "segments" (each segment
+# attends only within itself, with its own positions and token type 0: the bi-encoder's view of query and passage)
+ATTENTIONS = ("pair", "segments")
+SEGMENT_MODEL_TYPES = ("bert",)
 CONFIG_VERSION = 1
 
 
@@ -108,6 +112,7 @@ class RerankerConfig:
     yes_token_id: int | None = None
     adapter_hidden: int = 64
     readout: str = "token"
+    attention: str = "pair"
     compensation: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     config_version: int = CONFIG_VERSION
@@ -135,6 +140,7 @@ class RerankerConfig:
         if self.readout not in READOUTS.get(self.family, ()):
             raise ModelConfigError(f"readout={self.readout!r} is invalid for a {self.family}: expected one of "
                                    f"{list(READOUTS.get(self.family, ()))}")
+        self._check_attention()
         if self.adapter_hidden < 1:
             raise ModelConfigError(f"adapter_hidden={self.adapter_hidden} is invalid: expected >= 1")
         layout = self.pair_layout()
@@ -181,6 +187,24 @@ class RerankerConfig:
         if inf is not None and (inf.layer not in self.compress_layers or inf.ratio not in self.compress_ratios):
             raise ModelConfigError(f"inference_compression={inf.to_dict()} is not a trained combination: expected "
                                    f"layer in {list(self.compress_layers)} and ratio in {list(self.compress_ratios)}")
+
+    def _check_attention(self) -> None:
+        if self.attention not in ATTENTIONS:
+            raise ModelConfigError(f"attention={self.attention!r} is invalid: expected one of {list(ATTENTIONS)}")
+        if self.attention == "segments":
+            if self.model_type not in SEGMENT_MODEL_TYPES:
+                raise ModelConfigError(f"attention='segments' is not supported for model_type={self.model_type!r}: "
+                                       f"expected one of {list(SEGMENT_MODEL_TYPES)} (or attention='pair')")
+            if self.compress_layers:
+                raise ModelConfigError(f"attention='segments' with compress_layers={list(self.compress_layers)} is "
+                                       "not supported: pooling would merge the passage's [CLS] into its tokens; "
+                                       "expected no compression (or attention='pair')")
+            if not self.pair_layout().passage_prefix_ids:
+                raise ModelConfigError("attention='segments' needs a layout whose passage segment starts with its "
+                                       "own [CLS] (passage_prefix_ids): build the model with attention='segments'")
+        elif self.readout == "cosine":
+            raise ModelConfigError("readout='cosine' is invalid with attention='pair': expected attention='segments' "
+                                   "(the cosine of two segments that see each other is not the bi-encoder's)")
 
     # ------------------------------------------------------------------------------------------------ helpers
     def pair_layout(self) -> PairLayout:

@@ -9,6 +9,9 @@ adapter knows, for its architectures:
   depends on the attention implementation): encoders ``[B, 1, 1, S]`` (padding only), decoders ``[B, 1, S, S]``
   (causal AND padding). Blocked entries hold ``finfo(dtype).min``; every row keeps one allowed key ([CLS] for
   encoders; the first token, always real, for decoders), so softmax never sees an all-blocked row;
+- segments (``segment_start = query_length``, BERT only): each of the two segments attends only within itself,
+  its positions count from 0 and its token type is 0, so every segment is encoded exactly as a bi-encoder encodes
+  that text alone (the bias is ``[B, 1, S, S]``; each segment starts with a real [CLS]);
 - ``layer_context``: what every layer needs besides the mask, computed once per sequence length (MPNet's relative
   position bias, decoders' rotary ``(cos, sin)``);
 - ``call_layer`` and ``exit_hidden`` (encoders: position 0 = [CLS]; decoders: the final norm on the last position).
@@ -58,15 +61,19 @@ class FamilyAdapter:
     family = "encoder"
 
     def embed(self, backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None,
-              position_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+              position_ids: Tensor | None, segment_start: int | None = None) -> tuple[Tensor, Tensor]:
         """Return ``(hidden_states [B,S,H], position_ids [B,S])``."""
         raise NotImplementedError
 
     def layers(self, backbone: nn.Module) -> nn.ModuleList:
         raise NotImplementedError
 
-    def attention_bias(self, attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
-        return additive_mask(attention_mask.bool()[:, None, None, :], dtype)
+    def attention_bias(self, attention_mask: Tensor, dtype: torch.dtype, segment_start: int | None = None) -> Tensor:
+        if segment_start is None:
+            return additive_mask(attention_mask.bool()[:, None, None, :], dtype)
+        second = torch.arange(attention_mask.shape[1], device=attention_mask.device) >= segment_start
+        same = second[:, None] == second[None, :]                    # [S(query), S(key)]
+        return additive_mask(same[None, None] & attention_mask.bool()[:, None, None, :], dtype)
 
     def layer_context(self, backbone: nn.Module, hidden: Tensor, position_ids: Tensor) -> dict[str, Any]:
         return {}
@@ -87,10 +94,14 @@ class BertLikeAdapter(FamilyAdapter):
     """BERT, RoBERTa and XLM-R (``BertLayer``-style layers under ``backbone.encoder.layer``)."""
 
     def embed(self, backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None,
-              position_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+              position_ids: Tensor | None, segment_start: int | None = None) -> tuple[Tensor, Tensor]:
         config = backbone.config
         if self.model_type == "bert":
-            used = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+            index = torch.arange(input_ids.shape[1], device=input_ids.device)
+            if segment_start is not None:  # each segment counts its own positions; one token type, as encoded alone
+                index = torch.where(index >= segment_start, index - segment_start, index)
+                token_type_ids = torch.zeros_like(input_ids)
+            used = index.unsqueeze(0).expand_as(input_ids)
         else:
             used = padding_position_ids(input_ids, int(config.pad_token_id))
         if token_type_ids is None or int(config.type_vocab_size) < 2:
@@ -111,7 +122,7 @@ class MPNetAdapter(FamilyAdapter):
     """MPNet: like BERT, plus a relative position bias shared by all layers (recomputed per sequence length)."""
 
     def embed(self, backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None,
-              position_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+              position_ids: Tensor | None, segment_start: int | None = None) -> tuple[Tensor, Tensor]:
         used = padding_position_ids(input_ids, int(backbone.embeddings.padding_idx))
         hidden = backbone.embeddings(input_ids=input_ids, position_ids=used)
         return hidden, (position_ids if position_ids is not None else used)
@@ -133,7 +144,7 @@ class DecoderAdapter(FamilyAdapter):
     family = "decoder"
 
     def embed(self, backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None,
-              position_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+              position_ids: Tensor | None, segment_start: int | None = None) -> tuple[Tensor, Tensor]:
         if position_ids is None:
             position_ids = (torch.cumsum(attention_mask, dim=1) - 1).clamp(min=0)
         return backbone.embed_tokens(input_ids), position_ids
@@ -141,7 +152,7 @@ class DecoderAdapter(FamilyAdapter):
     def layers(self, backbone: nn.Module) -> nn.ModuleList:
         return backbone.layers
 
-    def attention_bias(self, attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    def attention_bias(self, attention_mask: Tensor, dtype: torch.dtype, segment_start: int | None = None) -> Tensor:
         seq = attention_mask.shape[1]
         index = torch.arange(seq, device=attention_mask.device)
         causal = index[None, :] <= index[:, None]                     # [S(query), S(key)]

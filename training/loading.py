@@ -13,6 +13,7 @@ network: ``HF_HUB_OFFLINE=1`` is set before ``transformers`` loads anything.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -61,7 +62,10 @@ class BaseModel:
             data.pop(key, None)
         return data
 
-    def make_layout(self, max_length: int, query_length: int, ratios: tuple[int, ...]) -> PairLayout:
+    def make_layout(self, max_length: int, query_length: int, ratios: tuple[int, ...], passage_cls: bool = False
+                    ) -> PairLayout:
+        """The pair layout of this base model; ``passage_cls`` (encoders) starts the passage segment with its own
+        [CLS], as a bi-encoder encodes a passage alone (``attention="segments"``)."""
         multiple = lcm_of(ratios)
         limit = getattr(self.hf_config, "max_position_embeddings", None)
         if limit is not None and max_length > int(limit) - 2:
@@ -70,11 +74,13 @@ class BaseModel:
         try:
             if self.adapter.family == "encoder":
                 specials = _encoder_specials(self.tokenizer, self.hf_config)
-                if specials is None:
-                    return encoder_layout(self.tokenizer, max_length, query_length, multiple)
-                cls, sep, pad = specials
-                return PairLayout("encoder", max_length, query_length, multiple, pad, prefix_ids=(cls,),
-                                  query_suffix_ids=(sep,), passage_suffix_ids=(sep,))
+                layout = (encoder_layout(self.tokenizer, max_length, query_length, multiple) if specials is None
+                          else PairLayout("encoder", max_length, query_length, multiple, specials[2],
+                                          prefix_ids=(specials[0],), query_suffix_ids=(specials[1],),
+                                          passage_suffix_ids=(specials[1],)))
+                if passage_cls:
+                    layout = dataclasses.replace(layout, passage_prefix_ids=layout.prefix_ids)
+                return layout
             bos, pad = _bos_id(self.tokenizer), _pad_id(self.hf_config)
             return decoder_layout(self.tokenizer, max_length, query_length, multiple, bos_id=bos, pad_id=pad)
         except ValueError as exc:

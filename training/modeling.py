@@ -10,6 +10,10 @@ Design (contracts in ARCHITECTURE.md):
 - Each exit ``l`` has a head ``Linear(hidden, 1)`` (encoders: on [CLS], all heads start from one shared seeded
   random init; decoders: on the final norm of the last token, initialised from the ``lm_head`` row of "Yes") and a
   compensation (:class:`~matryoshka.training.compensation.ExitCompensation`, the identity until trained).
+- ``readout="cosine"`` (with ``attention="segments"``): the head of exit ``l`` reads ``normalize(P_l a) *
+  normalize(P_l b)`` (element-wise), ``a``/``b`` the masked means of the query and passage segments and ``P_l`` a
+  linear map that starts as the identity; the head starts as ``COSINE_SCALE * ones``, so every exit starts as the
+  scaled cosine of the two segments, and the final exit as exactly the bi-encoder the backbone came from.
 - ``forward`` always returns an :class:`ExitScores` (raw and calibrated scores of every exit, ``[E, B]``),
   whatever the arguments. ``compression=None`` means no compression; pass ``model.config.inference_compression``
   for inference, or :meth:`LayerwiseReranker.sample_compression` for a training step.
@@ -49,6 +53,9 @@ from matryoshka.training.config import (
 from matryoshka.training.families import FamilyAdapter, get_adapter
 
 logger = logging.getLogger(__name__)
+#: the cosine readout's initial score scale (``score = COSINE_SCALE * cos``; the in-batch softmax scale of
+#: sentence-transformers' MultipleNegativesRankingLoss, which trained all-MiniLM-L6-v2)
+COSINE_SCALE = 20.0
 
 
 @dataclass
@@ -94,7 +101,10 @@ class LayerwiseReranker(nn.Module):
         self.compensation = nn.ModuleDict({str(e): ExitCompensation(hidden, config.adapter_hidden)
                                            for e in config.exits})
         self.compress_scorer = AttentionPoolScorer(hidden) if config.compress_method == "attention" else None
+        self.projections = (nn.ModuleDict({str(e): _identity_linear(hidden) for e in config.exits})
+                            if config.readout == "cosine" else None)
         self.layout: PairLayout = config.pair_layout()
+        self.segment_start = self.layout.query_length if config.attention == "segments" else None
         self._checkpointing = False
 
     # ------------------------------------------------------------------------------------------------ construction
@@ -104,29 +114,31 @@ class LayerwiseReranker(nn.Module):
               compress_ratios: tuple[int, ...] | list[int] = (), compress_method: str = "mean",
               max_length: int = 256, query_length: int = 32,
               inference_compression: Compression | dict[str, int] | None = None, adapter_hidden: int = 64,
-              gguf_file: str | None = None, seed: int = 0, name: str | None = None, readout: str = "token"
-              ) -> LayerwiseReranker:
+              gguf_file: str | None = None, seed: int = 0, name: str | None = None, readout: str = "token",
+              attention: str = "pair") -> LayerwiseReranker:
         """A new reranker on the base model in ``base_model_dir`` (HF folder, or a folder with one GGUF file).
 
         ``exits``: ascending 1-based layers ending at the last layer. When omitted: every layer from
         ``start_layer`` on if given, otherwise the thirds ``[L//3, 2L//3, L]``. Heads are seeded with ``seed``.
         ``name`` is recorded as ``config.base_model`` (default: the folder's name). ``readout``: what the heads read,
         ``"token"`` ([CLS] / the last token) or, for encoders, ``"mean"`` (the masked mean of the pair's tokens:
-        [CLS] barely depends on the pair in the first layers of a mean-pooled bi-encoder such as all-MiniLM-L6-v2).
+        [CLS] barely depends on the pair in the first layers of a mean-pooled bi-encoder such as all-MiniLM-L6-v2)
+        or ``"cosine"`` (with ``attention="segments"``: the model starts as the bi-encoder ``base_model_dir`` is).
         """
         from matryoshka.training.loading import default_exits, load_base
 
         base = load_base(base_model_dir, gguf_file)
         num_layers = int(base.hf_config.num_hidden_layers)
         exits = tuple(exits) if exits is not None else default_exits(num_layers, start_layer)
-        layout = base.make_layout(max_length, query_length, tuple(compress_ratios))
+        layout = base.make_layout(max_length, query_length, tuple(compress_ratios),
+                                  passage_cls=attention == "segments")
         config = RerankerConfig(
             family=base.adapter.family, model_type=base.model_type, base_model=name or base.name,
             num_layers=num_layers, hidden_size=int(base.hf_config.hidden_size), exits=exits, layout=layout.to_dict(),
             backbone_config=base.backbone_config_dict(), compress_layers=tuple(compress_layers),
             compress_ratios=tuple(compress_ratios), compress_method=compress_method,
             inference_compression=inference_compression, yes_token_id=base.yes_token_id,
-            adapter_hidden=adapter_hidden, readout=readout, versions=package_versions())
+            adapter_hidden=adapter_hidden, readout=readout, attention=attention, versions=package_versions())
         if config.family == "decoder":
             window = getattr(base.hf_config, "sliding_window", None)
             if window is not None and max_length > int(window):
@@ -137,6 +149,8 @@ class LayerwiseReranker(nn.Module):
         with torch.no_grad():
             if base.yes_row is not None:
                 weight, bias = base.yes_row.reshape(1, -1).float(), torch.zeros(1)
+            elif readout == "cosine":
+                weight, bias = torch.full((1, config.hidden_size), COSINE_SCALE), torch.zeros(1)
             else:
                 std = float(getattr(base.hf_config, "initializer_range", 0.02))
                 weight = torch.randn(1, config.hidden_size, generator=generator) * std
@@ -214,6 +228,8 @@ class LayerwiseReranker(nn.Module):
         for dropped in (e for e in current if e not in wanted):
             del self.heads[str(dropped)]
             del self.compensation[str(dropped)]
+            if self.projections is not None:
+                del self.projections[str(dropped)]
         self.config = dataclasses.replace(self.config, exits=wanted)
         if self.config.compensation.get("per_exit"):
             info = dict(self.config.compensation)
@@ -240,7 +256,7 @@ class LayerwiseReranker(nn.Module):
     def embed(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
               position_ids: Tensor | None = None) -> State:
         hidden, positions = self.adapter.embed(self.backbone, input_ids, attention_mask, token_type_ids,
-                                               position_ids)
+                                               position_ids, self.segment_start)
         return State(hidden, attention_mask, positions)
 
     def run_layers(self, state: State, start: int, end: int, compression: Compression | None = None) -> State:
@@ -254,7 +270,7 @@ class LayerwiseReranker(nn.Module):
                                    f"{self.config.num_layers - 1}")
         hidden, mask, positions = state.hidden_states, state.attention_mask, state.position_ids
         layers = self.adapter.layers(self.backbone)
-        bias = self.adapter.attention_bias(mask, hidden.dtype)
+        bias = self.adapter.attention_bias(mask, hidden.dtype, self.segment_start)
         context = self.adapter.layer_context(self.backbone, hidden, positions)
         for index in range(start, end):
             hidden = self._call_layer(layers[index], hidden, bias, positions, context)
@@ -263,7 +279,7 @@ class LayerwiseReranker(nn.Module):
                     hidden, mask, positions, query_length=self.layout.query_length,
                     suffix_length=self.layout.suffix_length, ratio=compression.ratio,
                     method=self.config.compress_method, scorer=self.compress_scorer)
-                bias = self.adapter.attention_bias(mask, hidden.dtype)
+                bias = self.adapter.attention_bias(mask, hidden.dtype, self.segment_start)
                 context = self.adapter.layer_context(self.backbone, hidden, positions)
         return State(hidden, mask, positions)
 
@@ -274,20 +290,58 @@ class LayerwiseReranker(nn.Module):
             return checkpoint(run, hidden, use_reentrant=False)
         return run(hidden)
 
-    def exit_hidden(self, state: State) -> Tensor:
-        """The ``[B, H]`` vector the exit heads read ([CLS], or the final norm of the last token; with readout
-        ``"mean"`` the mean of the hidden states over ``attention_mask``)."""
+    def exit_hidden(self, state: State, exit_layer: int | None = None) -> Tensor:
+        """The ``[B, H]`` vector the head of ``exit_layer`` reads ([CLS], or the final norm of the last token; with
+        readout ``"mean"`` the mean of the hidden states over ``attention_mask``; with ``"cosine"`` the element-wise
+        product of the two segments' projected, normalised means, whose sum is their cosine)."""
         if self.config.readout == "mean":
-            weights = state.attention_mask.to(state.hidden_states.dtype).unsqueeze(-1)
-            return (state.hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+            return _masked_mean(state.hidden_states, state.attention_mask)
+        if self.config.readout == "cosine":
+            return self.cosine_features(*self.segment_means(state), exit_layer)
         return self.adapter.exit_hidden(self.backbone, state.hidden_states)
+
+    def segment_means(self, state: State) -> tuple[Tensor, Tensor]:
+        """``(query, passage)`` ``[B, H]``: the masked mean of each segment's hidden states."""
+        split = self.layout.query_length
+        hidden, mask = state.hidden_states, state.attention_mask
+        return _masked_mean(hidden[:, :split], mask[:, :split]), _masked_mean(hidden[:, split:], mask[:, split:])
+
+    def encode_segment(self, input_ids: Tensor, attention_mask: Tensor) -> dict[int, Tensor]:
+        """``{exit: [B, H]}``: the masked mean, after every exit layer, of ONE segment encoded alone (attention
+        ``"segments"``; e.g. a pair batch's ``[:, :query_length]`` or ``[:, query_length:]`` columns). Equal to
+        :meth:`segment_means` of a pair holding that segment, since segments never see each other."""
+        if self.segment_start is None:
+            raise ModelConfigError("encode_segment needs attention='segments': with attention='pair' a segment's "
+                                   "states depend on the other segment")
+        hidden, positions = self.adapter.embed(self.backbone, input_ids, attention_mask, None, None, 0)
+        layers = self.adapter.layers(self.backbone)
+        bias = self.adapter.attention_bias(attention_mask, hidden.dtype)
+        context = self.adapter.layer_context(self.backbone, hidden, positions)
+        out: dict[int, Tensor] = {}
+        for index in range(self.config.exits[-1]):
+            hidden = self._call_layer(layers[index], hidden, bias, positions, context)
+            if index + 1 in self.config.exits:
+                out[index + 1] = _masked_mean(hidden, attention_mask)
+        return out
+
+    def cosine_features(self, query_mean: Tensor, passage_mean: Tensor, exit_layer: int) -> Tensor:
+        """``normalize(P_l q) * normalize(P_l p)`` ``[B, H]`` (readout ``"cosine"``): what exit ``exit_layer``'s head
+        and compensation read. Also used on cached segment means (:mod:`matryoshka.training.segment_heads`)."""
+        if self.projections is None or str(exit_layer) not in self.projections:
+            raise ModelConfigError(f"exit_layer={exit_layer} has no cosine projection: expected readout='cosine' "
+                                   f"and one of the exits {list(self.config.exits)}")
+        project = self.projections[str(exit_layer)]
+        query = nn.functional.normalize(project(query_mean), dim=-1)
+        passage = nn.functional.normalize(project(passage_mean), dim=-1)
+        return query * passage
 
     def exit_score(self, state: State, exit_layer: int, calibrated: bool = True) -> Tensor:
         """The ``[B]`` score of exit ``exit_layer`` (1-based; ``state`` must be the output of that layer)."""
-        raw, compensated = self._scores(self.exit_hidden(state), exit_layer)
+        raw, compensated = self.head_scores(self.exit_hidden(state, exit_layer), exit_layer)
         return compensated if calibrated else raw
 
-    def _scores(self, hidden: Tensor, exit_layer: int) -> tuple[Tensor, Tensor]:
+    def head_scores(self, hidden: Tensor, exit_layer: int) -> tuple[Tensor, Tensor]:
+        """``(raw, compensated)`` ``[B]`` scores of exit ``exit_layer``'s head on the ``[B, H]`` vector it reads."""
         key = str(exit_layer)
         if key not in self.heads:
             raise ModelConfigError(f"exit_layer={exit_layer} is not an exit: expected one of {list(self.config.exits)}")
@@ -304,11 +358,24 @@ class LayerwiseReranker(nn.Module):
         raws, calibrated, start = [], [], 0
         for exit_layer in self.config.exits:
             state = self.run_layers(state, start, exit_layer, compression)
-            raw, comp = self._scores(self.exit_hidden(state), exit_layer)
+            raw, comp = self.head_scores(self.exit_hidden(state, exit_layer), exit_layer)
             raws.append(raw)
             calibrated.append(comp)
             start = exit_layer
         return ExitScores(tuple(self.config.exits), torch.stack(raws), torch.stack(calibrated))
+
+
+def _masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def _identity_linear(size: int) -> nn.Linear:
+    layer = nn.Linear(size, size)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(size))
+        layer.bias.zero_()
+    return layer
 
 
 def _compare_keys(expected: dict[str, Tensor], found: dict[str, Tensor]) -> tuple[list[str], list[str]]:

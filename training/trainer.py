@@ -114,7 +114,8 @@ class Trainer:
         return LayerwiseReranker.build(
             m.base_model, exits=m.exits or None, compress_layers=tuple(m.compress_layers),
             compress_ratios=tuple(m.compress_ratios), compress_method=m.compress_method, max_length=m.max_length,
-            query_length=m.query_length, gguf_file=m.gguf_file, seed=m.head_seed, readout=m.readout)
+            query_length=m.query_length, gguf_file=m.gguf_file, seed=m.head_seed, readout=m.readout,
+            attention=m.attention)
 
     def _trainable_parameters(self) -> list[nn.Parameter]:
         from matryoshka.training.compensation import freeze_for_compensation

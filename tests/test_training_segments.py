@@ -1,0 +1,173 @@
+"""Segment attention + cosine readout: the bi-encoder at step 0, the cache = the pair forward, the segment-head
+phase (losses on hand values, resume = no stop, bad options), and the ONNX export of such a model."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from matryoshka.training.config import ModelConfigError
+from matryoshka.training.modeling import COSINE_SCALE, LayerwiseReranker
+from matryoshka.training.segment_cache import SegmentCache, exit_scores
+from matryoshka.training.segment_heads import (
+    distillation_loss,
+    gap_loss,
+    main,
+    positive_ce,
+)
+from matryoshka.training.tiny import make_tiny_base
+from tests.test_training_loop import make_training_data
+
+QUERIES = ["the cat sat", "protein cell gene", "blue ocean fish"]
+PASSAGES = ["the cat sat on the mat", "gene study shows result on protein", "red dog on the mat"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("segments")
+    data, _teacher = make_training_data(root)
+    return {"root": root, "base": make_tiny_base(root / "base", "bert", num_layers=4, hidden=32, heads=4),
+            "data": data}
+
+
+def build(base: Path) -> LayerwiseReranker:
+    return LayerwiseReranker.build(base, exits=(1, 2, 4), max_length=24, query_length=8, readout="cosine",
+                                   attention="segments").eval()
+
+
+def bi_encoder_cosine(base: Path, queries: list[str], passages: list[str]) -> np.ndarray:
+    """What sentence-transformers computes: each text alone, [CLS] text [SEP], mean-pooled, cosine."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(base)).eval()
+    tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+
+    def embed(text: str) -> torch.Tensor:
+        ids = torch.tensor([[cls, *tokenizer.encode(text, add_special_tokens=False).ids, sep]])
+        with torch.no_grad():
+            return model(input_ids=ids).last_hidden_state.mean(dim=1)[0]
+
+    return np.array([float(torch.nn.functional.cosine_similarity(embed(q), embed(p), dim=0))
+                     for q, p in zip(queries, passages, strict=True)])
+
+
+def pair_scores(model: LayerwiseReranker, queries: list[str], passages: list[str]):
+    batch = model.layout.encode(model.tokenizer, queries, passages)
+    with torch.no_grad():
+        return model(**{k: torch.from_numpy(v) for k, v in batch.items()})
+
+
+def test_step_zero_final_exit_is_the_bi_encoder(setup: dict[str, Path]) -> None:
+    model = build(setup["base"])
+    scores = pair_scores(model, QUERIES, PASSAGES)
+    expected = COSINE_SCALE * bi_encoder_cosine(setup["base"], QUERIES, PASSAGES)
+    np.testing.assert_allclose(scores.raw[-1].numpy(), expected, atol=1e-4)
+    np.testing.assert_allclose(scores.calibrated[-1].numpy(), expected, atol=1e-4)
+
+
+def test_segments_do_not_see_each_other(setup: dict[str, Path]) -> None:
+    model = build(setup["base"])
+    one = pair_scores(model, ["the cat sat"] * 2, ["the cat sat on the mat", "the cat sat on the mat red dog"])
+    # same query, different passage: the query segment's states must be identical (read through encode_segment)
+    batch = model.layout.encode(model.tokenizer, ["the cat sat"] * 2, ["mat", "red dog on the mat fish ocean"])
+    split = model.layout.query_length
+    state = model.run_layers(model.embed(**{k: torch.from_numpy(v) for k, v in batch.items()}), 0, 4)
+    query_means, _ = model.segment_means(state)
+    torch.testing.assert_close(query_means[0], query_means[1], atol=1e-6, rtol=0)
+    assert one.raw.shape == (3, 2) and split == 8
+
+
+def test_cache_scores_equal_the_pair_forward(setup: dict[str, Path], tmp_path: Path) -> None:
+    model = build(setup["base"])
+    with torch.no_grad():  # move the early exits away from their initial identity so the test means something
+        for key in model.projections:
+            model.projections[key].weight.add_(0.1 * torch.randn_like(model.projections[key].weight))
+    cache = SegmentCache(model, tmp_path / "cache", batch_size=2)
+    q = torch.from_numpy(cache.means(QUERIES, "query"))
+    p = torch.from_numpy(cache.means(PASSAGES, "passage"))
+    assert q.shape == (3, 3, 32)
+    with torch.no_grad():
+        cached = exit_scores(model, q, p)
+    torch.testing.assert_close(cached, pair_scores(model, QUERIES, PASSAGES).calibrated, atol=1e-4, rtol=1e-4)
+    again = SegmentCache(model, tmp_path / "cache")
+    assert len(again.known) == 6            # read back from disk, nothing re-encoded
+    np.testing.assert_array_equal(again.means(QUERIES, "query"), q.numpy())
+
+
+def test_losses_on_hand_values() -> None:
+    teacher = torch.tensor([[math.log(3.0), 0.0]])          # softmax = [0.75, 0.25]
+    student = torch.tensor([[0.0, 0.0]])                     # softmax = [0.5, 0.5]
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert float(distillation_loss(student, teacher, 1.0)) == pytest.approx(expected, abs=1e-6)
+    assert float(distillation_loss(teacher, teacher, 2.0)) == pytest.approx(0.0, abs=1e-7)
+    assert float(positive_ce(torch.tensor([[math.log(3.0), 0.0]]))) == pytest.approx(-math.log(0.75), abs=1e-6)
+    assert float(gap_loss(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 1.0]))) == pytest.approx(2.5)
+
+
+def run_args(setup: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["--base_model", str(setup["base"]), "--train_sets", str(setup["data"]), "--output_dir", str(out),
+            "--final_model_dir", str(out / "model"), "--exits", "1", "2", "4", "--max_length", "24",
+            "--query_length", "8", "--group_size", "4", "--queries_per_step", "4", "--learning_rate", "1e-2",
+            "--warmup_steps", "2", *extra]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_training_moves_early_exits_only_and_resume_equals_no_stop(setup: dict[str, Path], tmp_path: Path) -> None:
+    assert main(run_args(setup, tmp_path / "straight", "--max_steps", "6", "--save_steps", "0")) == 0
+    # the first run of 6 steps, stopped after 3 (its checkpoint), then resumed
+    assert main(run_args(setup, tmp_path / "resumed", "--max_steps", "6", "--save_steps", "3")) == 0
+    partial = tmp_path / "resumed"
+    (partial / "model").rename(tmp_path / "unused")
+    assert main(run_args(setup, partial, "--max_steps", "6", "--save_steps", "3", "--resume")) == 0
+    straight, resumed = weights(tmp_path / "straight" / "model"), weights(partial / "model")
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, atol=0, rtol=0, msg=key)
+    torch.manual_seed(0)                  # as the run builds it (--seed 0)
+    initial = build(setup["base"]).state_dict()
+    changed = {k for k, v in straight.items() if not torch.equal(v, initial[k])}
+    assert changed and all(k.split(".")[0] in ("projections", "heads", "compensation") for k in changed)
+    assert not any(k.split(".")[1] == "4" for k in changed)           # the final exit stays the bi-encoder
+    model = LayerwiseReranker.load(tmp_path / "straight" / "model")
+    residual = model.config.compensation["per_exit"]
+    assert residual["4"]["residual_std"] == 0.0 and residual["1"]["residual_std"] > 0.0
+
+
+@pytest.mark.parametrize(("flag", "value", "named"), [
+    ("--group_size", "1", "group_size"), ("--temperature", "0", "temperature"),
+    ("--label_weight", "-1", "label_weight"), ("--max_steps", "0", "max_steps")])
+def test_bad_options_exit_2_with_one_line(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          flag: str, value: str, named: str) -> None:
+    assert main(run_args(setup, tmp_path / "bad", flag, value)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0] and value in err[0]
+    assert not (tmp_path / "bad" / "model").exists()
+
+
+def test_resume_without_checkpoint_is_refused(setup: dict[str, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    assert main(run_args(setup, tmp_path / "fresh", "--max_steps", "2", "--resume")) == 2
+    assert "checkpoint" in capsys.readouterr().err
+
+
+def test_config_refuses_what_segments_cannot_do(setup: dict[str, Path]) -> None:
+    with pytest.raises(ModelConfigError, match="attention='segments'"):
+        LayerwiseReranker.build(setup["base"], exits=(2, 4), max_length=24, query_length=8, readout="cosine")
+    with pytest.raises(ModelConfigError, match="compress_layers"):
+        LayerwiseReranker.build(setup["base"], exits=(2, 4), max_length=24, query_length=8, readout="cosine",
+                                attention="segments", compress_layers=(2,), compress_ratios=(2,))
+    with pytest.raises(ModelConfigError, match="attention='bogus'"):
+        LayerwiseReranker.build(setup["base"], exits=(2, 4), max_length=24, query_length=8, attention="bogus")

@@ -1,0 +1,295 @@
+"""Early exits for a bi-encoder-initialised reranker, trained on cached segment means (CPU-friendly).
+
+The model (``readout="cosine"``, ``attention="segments"``, built from a mean-pooled bi-encoder) starts with its final
+exit equal to the bi-encoder's scaled cosine. This phase keeps the backbone and the final exit exactly as they are
+(so nothing the base model knew is forgotten) and trains, for every earlier exit ``l``:
+
+- the projection ``P_l`` and head (``raw_l``) by listwise self-distillation: ``KL(softmax(s_L / T) ||
+  softmax(raw_l / T))`` over each query's candidates, plus ``label_weight`` x listwise CE on the positive
+  (the positive is always at index 0 of a group);
+- the compensation (``s'_l``, inputs detached) by ``gap_weight * mean((s'_l - s_L)^2)``, which puts every exit on
+  the final exit's scale.
+
+No labels are needed for the main term, so pseudo-queries (titles) from every training corpus count as much as
+judged queries. Segment means come from :class:`~matryoshka.training.segment_cache.SegmentCache`; batches are drawn
+from a generator seeded by ``(seed, step)``, so a run resumed from its checkpoint reaches the same weights. At the
+end the residual std of each exit (``s'_l - s_L``) is measured on ``residual_set`` and recorded, as the
+compensation phase does.
+
+CLI::
+
+    python -m matryoshka.training.segment_heads --base_model <bi-encoder> --train_sets runs/train/scifact-train \
+        --output_dir runs/heads --final_model_dir runs/heads/model
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from matryoshka.errors import MatryoshkaError, OptionError
+from matryoshka.io import atomic_write
+from matryoshka.training.data import TrainingSet, load_training_set
+from matryoshka.training.modeling import LayerwiseReranker
+from matryoshka.training.segment_cache import SegmentCache, exit_scores
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class SegmentHeadArguments:
+    base_model: str = field(metadata={"help": "mean-pooled bi-encoder folder (HF), e.g. all-MiniLM-L6-v2"})
+    train_sets: list[str] = field(metadata={"help": "training-set folders (matryoshka.training.mining)"})
+    output_dir: str = field(metadata={"help": "run folder: segment cache, checkpoint, log"})
+    final_model_dir: str = field(metadata={"help": "where the trained reranker folder is written"})
+    residual_set: str = field(default="", metadata={"help": "held-out training set for the residual std ('' = "
+                                                            "the first train set)"})
+    exits: list[int] = field(default_factory=lambda: [1, 2, 3, 6], metadata={"help": "exit layers, last = all"})
+    max_length: int = field(default=288, metadata={"help": "tokens per pair (query_length + passage segment)"})
+    query_length: int = field(default=32, metadata={"help": "query segment length, [CLS] and [SEP] included"})
+    group_size: int = field(default=32, metadata={"help": "passages per query per step (a positive + candidates)"})
+    queries_per_step: int = field(default=64, metadata={"help": "queries per step"})
+    max_steps: int = field(default=3000, metadata={"help": "optimizer steps"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (constant after warm-up)"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distillation term"})
+    label_weight: float = field(default=0.0, metadata={"help": "weight of the listwise CE on the positive"})
+    gap_weight: float = field(default=1.0, metadata={"help": "weight of the compensation's squared gap"})
+    save_steps: int = field(default=500, metadata={"help": "checkpoint every this many steps (0 = only at the end)"})
+    resume: bool = field(default=False, metadata={"help": "continue from output_dir's checkpoint"})
+    encode_batch_size: int = field(default=64, metadata={"help": "texts per encoder batch when filling the cache"})
+    seed: int = field(default=0, metadata={"help": "seed of batches and heads"})
+    threads: int = field(default=0, metadata={"help": "torch threads (0 = torch's default)"})
+
+    def __post_init__(self) -> None:
+        positive = ("group_size", "queries_per_step", "max_steps", "encode_batch_size")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptionError(name, value, "an integer >= 1")
+        if self.group_size < 2:
+            raise OptionError("group_size", self.group_size, "an integer >= 2 (a positive and a candidate)")
+        for name in ("warmup_steps", "save_steps", "threads"):
+            if getattr(self, name) < 0:
+                raise OptionError(name, getattr(self, name), "an integer >= 0")
+        for name in ("learning_rate", "temperature"):
+            if not getattr(self, name) > 0:
+                raise OptionError(name, getattr(self, name), "a number > 0")
+        for name in ("label_weight", "gap_weight"):
+            if not getattr(self, name) >= 0:
+                raise OptionError(name, getattr(self, name), "a number >= 0")
+        if not self.train_sets:
+            raise OptionError("train_sets", self.train_sets, "at least one training-set folder")
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """``KL(softmax(teacher / T) || softmax(student / T))`` per group (last dim), averaged; scaled by ``T^2``."""
+    target = torch.log_softmax(teacher / temperature, dim=-1)
+    log_probs = torch.log_softmax(student / temperature, dim=-1)
+    return (target.exp() * (target - log_probs)).sum(-1).mean() * temperature ** 2
+
+
+def positive_ce(student: Tensor) -> Tensor:
+    """Listwise cross-entropy with the positive at index 0 of every group."""
+    return -torch.log_softmax(student, dim=-1)[..., 0].mean()
+
+
+def gap_loss(calibrated: Tensor, final: Tensor) -> Tensor:
+    return ((calibrated - final) ** 2).mean()
+
+
+@dataclass
+class EncodedSet:
+    """Training queries as rows of cached means: ``queries [Q, E, H]``, ``passages [P, E, H]``; per query the
+    passage rows of its positives and of its candidates (BM25 order)."""
+
+    queries: Tensor
+    passages: Tensor
+    positives: list[list[int]]
+    candidates: list[list[int]]
+
+
+def encode_sets(cache: SegmentCache, sets: Sequence[TrainingSet]) -> EncodedSet:
+    query_texts: list[str] = []
+    passage_rows: dict[str, int] = {}
+    passage_texts: list[str] = []
+    positives, candidates = [], []
+
+    def row(text: str) -> int:
+        if text not in passage_rows:
+            passage_rows[text] = len(passage_texts)
+            passage_texts.append(text)
+        return passage_rows[text]
+
+    for training_set in sets:
+        for query in training_set.queries:
+            query_texts.append(query.query)
+            positives.append([row(training_set.passage(d, query.field)) for d in query.positives])
+            candidates.append([row(training_set.passage(d, query.field)) for d in query.candidates])
+    return EncodedSet(torch.from_numpy(cache.means(query_texts, "query", "queries")),
+                      torch.from_numpy(cache.means(passage_texts, "passage", "passages")), positives, candidates)
+
+
+def sample_batch(data: EncodedSet, args: SegmentHeadArguments, step: int) -> tuple[Tensor, Tensor]:
+    """``(query rows [B], passage rows [B, G])`` of step ``step``: a random positive first, then candidates drawn
+    without replacement from the query's list (padded by repetition when it is short)."""
+    rng = np.random.default_rng([args.seed, step])
+    chosen = rng.choice(len(data.positives), size=min(args.queries_per_step, len(data.positives)), replace=False)
+    rows = np.empty((len(chosen), args.group_size), dtype=np.int64)
+    for i, q in enumerate(chosen):
+        pool = data.candidates[q]
+        picks = rng.choice(len(pool), size=args.group_size - 1, replace=len(pool) < args.group_size - 1)
+        rows[i, 0] = data.positives[q][int(rng.integers(len(data.positives[q])))]
+        rows[i, 1:] = [pool[p] for p in picks]
+    return torch.from_numpy(chosen.astype(np.int64)), torch.from_numpy(rows)
+
+
+def trainable_modules(model: LayerwiseReranker) -> nn.ModuleDict:
+    """Projection, head and compensation of every exit but the final one."""
+    early = [str(e) for e in model.config.exits[:-1]]
+    return nn.ModuleDict({f"{kind}_{e}": getattr(model, kind)[e] for e in early
+                          for kind in ("projections", "heads", "compensation")})
+
+
+def step_loss(model: LayerwiseReranker, data: EncodedSet, batch: tuple[Tensor, Tensor],
+              args: SegmentHeadArguments) -> tuple[Tensor, dict[str, float]]:
+    query_rows, passage_rows = batch
+    q = data.queries[query_rows][:, None]                  # [B, 1, E, H]
+    p = data.passages[passage_rows]                        # [B, G, E, H]
+    raw = exit_scores(model, q, p, calibrated=False)       # [E, B, G]
+    final = raw[-1].detach()
+    terms: dict[str, float] = {}
+    total = torch.zeros(())
+    for index, exit_layer in enumerate(model.config.exits[:-1]):
+        distill = distillation_loss(raw[index], final, args.temperature)
+        loss = distill
+        if args.label_weight:
+            loss = loss + args.label_weight * positive_ce(raw[index])
+        features = model.cosine_features(q[..., index, :], p[..., index, :], exit_layer).detach()
+        calibrated = model.compensation[str(exit_layer)](features, raw[index].detach())
+        gap = gap_loss(calibrated, final)
+        total = total + loss + args.gap_weight * gap
+        terms[f"kl_{exit_layer}"], terms[f"gap_{exit_layer}"] = float(distill.detach()), float(gap.detach())
+    return total, terms
+
+
+def train(args: SegmentHeadArguments) -> Path:
+    """Build, train and save (see the module docstring); returns the model folder."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sets = [load_training_set(p) for p in args.train_sets]
+    torch.manual_seed(args.seed)
+    model = LayerwiseReranker.build(args.base_model, exits=args.exits, max_length=args.max_length,
+                                    query_length=args.query_length, readout="cosine", attention="segments",
+                                    seed=args.seed)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    cache = SegmentCache(model, out / "segment-cache", args.encode_batch_size)
+    data = encode_sets(cache, sets)
+    modules = trainable_modules(model)
+    for parameter in modules.parameters():
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(modules.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps) if args.warmup_steps else 1.0)
+    start = _resume(out, modules, optimizer, scheduler, args) if args.resume else 0
+    if not args.resume:
+        (out / LOG_FILE).unlink(missing_ok=True)
+    from tqdm.auto import tqdm
+
+    for step in tqdm(range(start, args.max_steps), desc="segment heads", initial=start, total=args.max_steps):
+        loss, terms = step_loss(model, data, sample_batch(data, args, step), args)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if (step + 1) % 50 == 0 or step + 1 == args.max_steps:
+            with (out / LOG_FILE).open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": step + 1, "loss": float(loss.detach()), **terms}) + "\n")
+        if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.max_steps:
+            _save_checkpoint(out, step + 1, modules, optimizer, scheduler, args)
+    residual_sets = [load_training_set(args.residual_set)] if args.residual_set else sets[:1]
+    residuals = measure_cached_residuals(model, encode_sets(cache, residual_sets), args.group_size)
+    logger.info("residual std per exit: %s", residuals)
+    with atomic_write(out / "arguments.json") as handle:
+        handle.write(json.dumps(asdict(args), indent=2, sort_keys=True) + "\n")
+    return model.save(args.final_model_dir, overwrite=True)
+
+
+@torch.no_grad()
+def measure_cached_residuals(model: LayerwiseReranker, data: EncodedSet, group_size: int) -> dict[int, float]:
+    """Std of ``s'_l - s_L`` per exit over each query's positive and first ``group_size - 1`` candidates (the
+    pair forward's :func:`~matryoshka.training.compensation.measure_residuals`, on cached means); recorded."""
+    from matryoshka.training.compensation import record_compensation
+
+    parts: list[Tensor] = []
+    for q, (pos, cand) in enumerate(zip(data.positives, data.candidates, strict=True)):
+        rows = torch.tensor([*pos[:1], *cand[: group_size - 1]])
+        scores = exit_scores(model, data.queries[q][None], data.passages[rows], calibrated=True)   # [E, G]
+        parts.append((scores - scores[-1]).double())
+    values = torch.cat(parts, dim=1)
+    out = {e: float(values[i].std()) for i, e in enumerate(model.config.exits)}
+    record_compensation(model, residual_std=out, measured_on=int(values.shape[1]))
+    return out
+
+
+def _state(step: int, modules: nn.ModuleDict, optimizer: torch.optim.Optimizer,
+           scheduler: torch.optim.lr_scheduler.LambdaLR, args: SegmentHeadArguments) -> dict[str, Any]:
+    return {"step": step, "modules": modules.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "arguments": {k: v for k, v in asdict(args).items()
+                                                               if k not in ("resume", "max_steps", "save_steps")}}
+
+
+def _save_checkpoint(out: Path, step: int, modules: nn.ModuleDict, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LambdaLR, args: SegmentHeadArguments) -> None:
+    with atomic_write(out / CHECKPOINT_FILE, mode="wb") as handle:
+        torch.save(_state(step, modules, optimizer, scheduler, args), handle)
+
+
+def _resume(out: Path, modules: nn.ModuleDict, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LambdaLR, args: SegmentHeadArguments) -> int:
+    path = out / CHECKPOINT_FILE
+    if not path.is_file():
+        raise OptionError("resume", str(path), "an existing checkpoint (run without --resume first)")
+    state = torch.load(path, weights_only=True)
+    expected = _state(0, modules, optimizer, scheduler, args)["arguments"]
+    if state.get("arguments") != expected:
+        changed = sorted(k for k in expected if state.get("arguments", {}).get(k) != expected[k])
+        raise OptionError("resume", str(path), f"a checkpoint of the same run (arguments differ: {changed})")
+    modules.load_state_dict(state["modules"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    logger.info("resumed from %s at step %d", path, state["step"])
+    return int(state["step"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from matryoshka.training.arguments import parse_arguments
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        (args,) = parse_arguments((SegmentHeadArguments,), argv, prog="python -m matryoshka.training.segment_heads")
+        folder = train(args)
+    except MatryoshkaError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"reranker written to {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
