@@ -1,12 +1,14 @@
 """Quality per exit of segment-attention rerankers from cached segment means (PyTorch fp32), for ablations.
 
-For each collection: Pyserini BM25 top-``depth`` of the split's queries, then on the same candidates:
-BM25; the bi-encoder's cosine alone (``--encoder``, 256 tokens per text, as the training-free baseline defines it);
-the training-free fusion ``0.3 * minmax(BM25) + 0.7 * minmax(cosine)``; and for every ``--models`` folder (trained
+For each collection: Pyserini BM25 top-``depth`` of the split's queries, then on the same candidates: BM25; the
+bi-encoder's cosine alone (``--encoder``, 256 tokens per text, as the training-free baseline defines it); the
+training-free fusion ``0.3 * minmax(BM25) + 0.7 * minmax(cosine)``; and for every ``--models`` folder (trained
 reranker folders, or ``base`` = the untrained build of ``--encoder``) every exit alone and fused as the plugin fuses
-(z-scores, first-stage weight ``--weight``). Scores come from :class:`matryoshka.training.segment_cache.SegmentCache`
-(tested equal to the pair forward), nDCG@10 from :mod:`matryoshka.metrics` (trec_eval conventions; the shipped
-model's reported figures come from ``rerank_benchmark.py`` on its int8 stages, through trec_eval).
+(first-stage weight ``--weight``, normalisations ``--fusion``: z and/or minmax); with ``--manifest``, that exported
+model's tuned cascade replayed on the last model's scores. Scores come from
+:class:`matryoshka.training.segment_cache.SegmentCache` (tested equal to the pair forward), nDCG@10 from
+:mod:`matryoshka.metrics` (trec_eval conventions; the shipped model's figures also come from real plugin runs
+through trec_eval, see BENCHMARKS.md).
 
     python benchmarks/segment_eval.py --encoder <all-MiniLM-L6-v2> --models base runs/recipe/heads/model \
         --datasets scifact nfcorpus adi cisi cranfield med --output benchmarks/results/segments.md
@@ -30,8 +32,8 @@ from benchmarks.rerank_benchmark import dataset_dir  # noqa: E402
 logger = logging.getLogger("segment_eval")
 Scores = dict[str, dict[str, float]]
 FUSION_BM25_WEIGHT = 0.3  # the training-free baseline of issue 15: 0.3 * minmax(BM25) + 0.7 * minmax(cosine)
-# the untrained ('base') model: every layer an exit, 64-token query segment + 256-token passage segment (the recipe's)
-BASE_EXITS, BASE_MAX_LENGTH, BASE_QUERY_LENGTH = (1, 2, 3, 4, 5, 6), 320, 64
+# the untrained ('base') model: every layer an exit, 128-token query segment + 256-token passage segment (the recipe's)
+BASE_EXITS, BASE_MAX_LENGTH, BASE_QUERY_LENGTH = (1, 2, 3, 4, 5, 6), 384, 128
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,10 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--datasets", nargs="+", required=True, help="names under data/, ../shared/data(/classic)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--depth", type=int, default=100)
-    parser.add_argument("--weight", type=float, default=0.3, help="plugin z-fusion first-stage weight")
+    parser.add_argument("--weight", type=float, default=0.3, help="plugin fusion first-stage weight")
+    parser.add_argument("--fusion", nargs="+", default=["z", "minmax"], help="plugin fusion normalisations")
     parser.add_argument("--work", default="runs/work", help="Pyserini index/topics/run folder")
     parser.add_argument("--cache", default="runs/work/segment-cache", help="segment-means cache folder")
     parser.add_argument("--output", required=True, help="markdown table to write")
+    parser.add_argument("--manifest", default=None, help="an exported model folder: replay its tuned cascade (policy,"
+                        " threshold, depth, first-stage weight, exits) on the LAST --models folder's scores")
     return parser
 
 
@@ -63,27 +68,14 @@ def bm25_hits(name: str, split: str, depth: int, work: Path):
     return prepared.dataset, hits
 
 
-def minmax(values: np.ndarray) -> np.ndarray:
-    low, high = float(values.min()), float(values.max())
-    return (values - low) / (high - low) if high > low else np.zeros_like(values)
-
-
-def fuse_minmax(first: Scores, other: Scores, first_weight: float) -> Scores:
-    out = {}
-    for qid, docs in first.items():
-        ids = sorted(docs)
-        b = minmax(np.array([docs[d] for d in ids])), minmax(np.array([other[qid][d] for d in ids]))
-        out[qid] = dict(zip(ids, (first_weight * b[0] + (1 - first_weight) * b[1]).tolist(), strict=True))
-    return out
-
-
-def fuse_plugin(first: Scores, model: Scores, weight: float) -> Scores:
+def fuse_plugin(first: Scores, model: Scores, weight: float, fusion: str) -> Scores:
+    """Per query ``(1 - weight) * n(model) + weight * n(first)``, as the plugin fuses (``fusion`` names ``n``)."""
     from matryoshka.plugin.fusion import fuse
 
     out = {}
     for qid, docs in first.items():
         ids = sorted(docs)
-        fused = fuse([model[qid][d] for d in ids], [docs[d] for d in ids], weight)
+        fused = fuse([model[qid][d] for d in ids], [docs[d] for d in ids], weight, fusion=fusion)
         out[qid] = dict(zip(ids, fused.tolist(), strict=True))
     return out
 
@@ -135,6 +127,33 @@ def cosine_baseline(encoder: str, dataset, hits: Scores, cache_dir: Path) -> Sco
     return out
 
 
+def cascade_row(folder: str, per_exit: Mapping[int, Scores], hits: Scores, qrels) -> list[tuple[str, float]]:
+    """The manifest's tuned cascade replayed (:class:`matryoshka.plugin.tuning.Recorded`, tested equal to real
+    cascade runs) on the given per-exit scores: its nDCG@10 and its share of full-depth layer-FLOPs."""
+    from matryoshka.plugin.manifest import load_manifest
+    from matryoshka.plugin.policies import make_policy
+    from matryoshka.plugin.tuning import Recorded
+
+    manifest = load_manifest(folder, verify=False)
+    exits, spec = tuple(manifest.exits), manifest.policy
+    qids = [q for q in hits for _ in hits[q]]
+    docids = [d for q in hits for d in hits[q]]
+    groups = np.array([g for g, q in enumerate(hits) for _ in hits[q]], dtype=np.int64)
+    scores = np.array([[per_exit[e][q][d] for e in exits] for q, d in zip(qids, docids, strict=True)])
+    first = np.array([hits[q][d] for q, d in zip(qids, docids, strict=True)])
+    cost = np.array([s.relative_cost for s in manifest.stages]).cumsum()
+    residual = tuple(manifest.exit_calibration(e).residual_std for e in exits)
+    recorded = Recorded(qids, docids, groups, scores, exits, residual, cost, first, fusion=spec.fusion)
+    policy = make_policy(spec.name, spec.threshold, exits, spec.threshold)
+    point = recorded.evaluate(policy, qrels, 1.0, spec.first_stage_weight, spec.depth)
+    full = recorded.full_depth_ndcg(qrels, spec.first_stage_weight)
+    fusion = f"{spec.fusion}, w={spec.first_stage_weight:g}"
+    label = f"{spec.name}@{spec.threshold:g}, depth {spec.depth or 'all'}, {fusion}"
+    return [(f"exits {list(exits)} full depth + BM25 ({fusion})", full),
+            (f"tuned cascade ({label})", point.ndcg10), ("tuned cascade: of full depth", point.ndcg10 / full),
+            ("tuned cascade: layer-FLOPs", point.relative_cost)]
+
+
 def rows_for(name: str, args: argparse.Namespace) -> list[tuple[str, float]]:
     from matryoshka.metrics import ndcg_at_k
 
@@ -144,14 +163,17 @@ def rows_for(name: str, args: argparse.Namespace) -> list[tuple[str, float]]:
     cosine = cosine_baseline(args.encoder, dataset, hits, Path(args.cache))
     rows = [("BM25", ndcg_at_k(hits, dataset.qrels)), ("cosine alone", ndcg_at_k(cosine, dataset.qrels)),
             ("training-free fusion (minmax 0.3/0.7)",
-             ndcg_at_k(fuse_minmax(hits, cosine, FUSION_BM25_WEIGHT), dataset.qrels))]
+             ndcg_at_k(fuse_plugin(hits, cosine, FUSION_BM25_WEIGHT, "minmax"), dataset.qrels))]
     for ref in args.models:
         label = "untrained" if ref == "base" else Path(ref).name
         per_exit = model_scores(ref, args.encoder, dataset, hits, Path(args.cache))
         for exit_layer, scores in per_exit.items():
             rows.append((f"{label} exit {exit_layer} alone", ndcg_at_k(scores, dataset.qrels)))
-            rows.append((f"{label} exit {exit_layer} + BM25 (z, w={args.weight:g})",
-                         ndcg_at_k(fuse_plugin(hits, scores, args.weight), dataset.qrels)))
+            for fusion in args.fusion:
+                rows.append((f"{label} exit {exit_layer} + BM25 ({fusion}, w={args.weight:g})",
+                             ndcg_at_k(fuse_plugin(hits, scores, args.weight, fusion), dataset.qrels)))
+    if args.manifest:
+        rows += cascade_row(args.manifest, per_exit, hits, dataset.qrels)
     return rows
 
 

@@ -12,8 +12,9 @@ comparable whatever exit each candidate took.
 
 Interpolation with the first stage (``first_stage_weight`` w, default: the manifest's ``policy.first_stage_weight``,
 0 when absent): :meth:`MatryoshkaReranker.rerank_run` and :meth:`~MatryoshkaReranker.rerank_query` replace each
-query's reranked scores by ``(1 - w) * z(model) + w * z(first stage)`` (z-normalised per query, see
-:mod:`matryoshka.plugin.fusion`), the first-stage scores being the run's scores. :meth:`~MatryoshkaReranker.rank`
+query's reranked scores by ``(1 - w) * n(model) + w * n(first stage)`` (normalised per query by ``fusion``, default
+the manifest's ``policy.fusion``: ``z`` or ``minmax``, see :mod:`matryoshka.plugin.fusion`), the first-stage scores
+being the run's scores. :meth:`~MatryoshkaReranker.rank`
 fuses only when it is given ``first_stage_scores``; :meth:`~MatryoshkaReranker.predict` never fuses (it has no
 first-stage scores and returns the model's scores). w = 0 gives exactly the model's scores. The cascade's exit
 decisions never depend on w.
@@ -34,7 +35,7 @@ from tqdm import tqdm
 from matryoshka.errors import MatryoshkaError, MissingInputError
 from matryoshka.io.trec import Run, RunEntry, sort_hits
 from matryoshka.plugin.cascade import Cascade, CascadeResult
-from matryoshka.plugin.fusion import FirstStageScoreError, check_first_stage_weight, fuse
+from matryoshka.plugin.fusion import FirstStageScoreError, check_first_stage_weight, check_fusion, fuse
 from matryoshka.plugin.manifest import MANIFEST_NAME
 from matryoshka.plugin.policies import DEFAULT_TOP_K, POLICY_DEFAULT_THRESHOLD, check_depth, make_policy
 from matryoshka.plugin.stats import RunStats
@@ -125,7 +126,8 @@ class MatryoshkaReranker:
                  threshold: float | None = None, providers: str | Sequence[str] | None = None,
                  threads: int | None = None, batch_size: int = 32, precision: str | None = None,
                  top_k: int = DEFAULT_TOP_K, exit_layer: int | None = None, verify: bool = True,
-                 first_stage_weight: float | None = None, depth: int | None = None) -> None:
+                 first_stage_weight: float | None = None, depth: int | None = None, fusion: str | None = None
+                 ) -> None:
         """``policy``/``threshold``: None = the manifest's tuned policy and threshold; a policy named without a
         threshold takes the tuned threshold if it is the tuned policy, else ``POLICY_DEFAULT_THRESHOLD``.
 
@@ -133,10 +135,14 @@ class MatryoshkaReranker:
         :meth:`rerank_run` / :meth:`rerank_query` (and :meth:`rank` with ``first_stage_scores``); None = the
         manifest's ``policy.first_stage_weight`` (0 = no fusion when the manifest has none).
 
+        ``fusion``: the per-query normalisation of that fusion (``z`` or ``minmax``); None = the manifest's
+        ``policy.fusion``.
+
         ``depth``: :meth:`rerank_run` / :meth:`rerank_query` rerank only each query's top ``depth`` candidates (the
         rest keep their first-stage order below them); None = the manifest's ``policy.depth`` (all when absent),
         0 = all candidates whatever the manifest says."""
         override = None if first_stage_weight is None else check_first_stage_weight(first_stage_weight)
+        fusion = None if fusion is None else check_fusion(fusion)
         depth = check_depth(depth)
         self.model_dir = resolve_model_dir(model_dir)
         self.cascade = Cascade(self.model_dir, precision=precision, providers=providers, threads=threads,
@@ -147,12 +153,14 @@ class MatryoshkaReranker:
         default_threshold = tuned.threshold if name == tuned.name else POLICY_DEFAULT_THRESHOLD
         self.policy = make_policy(name, threshold, manifest.exits, default_threshold, top_k, exit_layer)
         self.first_stage_weight = tuned.first_stage_weight if override is None else override
+        self.fusion = tuned.fusion if fusion is None else fusion
         #: candidates reranked per query by rerank_run / rerank_query (None = all)
         self.depth = tuned.depth if depth is None else (depth or None)
         self.stats = self._new_stats()
         self.last_result: CascadeResult | None = None
-        logger.info("policy %s, first-stage weight %g%s, depth %s", self.policy.describe(), self.first_stage_weight,
-                    " (from the manifest)" if first_stage_weight is None else "", self.depth or "all")
+        logger.info("policy %s, first-stage weight %g (%s)%s, depth %s", self.policy.describe(),
+                    self.first_stage_weight, self.fusion, " (from the manifest)" if first_stage_weight is None else "",
+                    self.depth or "all")
 
     @property
     def exits(self) -> tuple[int, ...]:
@@ -160,7 +168,7 @@ class MatryoshkaReranker:
 
     def _new_stats(self) -> RunStats:
         return RunStats(self.exits, self.cascade.cumulative_cost, self.policy.describe(),
-                        first_stage_weight=self.first_stage_weight)
+                        first_stage_weight=self.first_stage_weight, fusion=self.fusion)
 
     def reset_stats(self) -> None:
         self.stats = self._new_stats()
@@ -221,7 +229,7 @@ class MatryoshkaReranker:
         scores = result.scores
         if first_stage_scores is not None:
             scores = fuse(scores, first_stage_scores, self.first_stage_weight,
-                          docids=[str(i) for i in range(len(docs))])
+                          docids=[str(i) for i in range(len(docs))], fusion=self.fusion)
         order = sorted(range(len(docs)), key=lambda i: (-scores[i], i))
         ranked = [{"corpus_id": i, "score": float(scores[i]), **({"text": docs[i]} if return_documents else {})}
                   for i in order]
@@ -258,7 +266,7 @@ class MatryoshkaReranker:
             scores = result.scores
             if w > 0:
                 scores = fuse(scores, list(first_stage_scores[: len(head)]), w, docids=head,
-                              qids=None if qid is None else [qid] * len(head))
+                              qids=None if qid is None else [qid] * len(head), fusion=self.fusion)
             out = {d: float(s) for d, s in zip(head, scores, strict=True)}
         self.stats.below_depth += len(tail)
         self.stats.depth = depth

@@ -2,13 +2,19 @@
 
 For each query (group) of candidates::
 
-    final = (1 - w) * z(model) + w * z(first_stage)      z(x) = (x - mean(x)) / std(x) over the query's candidates
+    final = (1 - w) * n(model) + w * n(first_stage)
 
-``std`` is the population standard deviation; a query with a single candidate, or whose scores are all equal, gets
-``z = 0`` for that score. ``w = 0`` returns the model scores unchanged (no normalisation at all), so a weight of 0 is
-exactly the reranker without fusion. The weight lives in the manifest's ``policy.first_stage_weight`` (tuned on a
-dev split by ``python -m matryoshka tune``) and can be overridden with ``--matryoshka.first-stage-weight`` /
-``--first-stage-weight`` / ``MatryoshkaReranker(first_stage_weight=...)``.
+with ``n`` the normalisation named by the manifest's ``policy.fusion`` (:data:`NORMALIZATIONS`, absent = ``z``):
+
+``z``       ``(x - mean(x)) / std(x)`` over the query's candidates (population std)
+``minmax``  ``(x - min(x)) / (max(x) - min(x))``: the training-free BM25 + bi-encoder fusion of the literature
+
+A query with a single candidate, or whose scores are all equal, gets ``n = 0`` for that score. ``w = 0`` returns
+the model scores unchanged (no normalisation at all), so a weight of 0 is exactly the reranker without fusion. The
+weight lives in the manifest's ``policy.first_stage_weight`` (tuned on a dev split by ``python -m matryoshka tune``)
+and can be overridden with ``--matryoshka.first-stage-weight`` / ``--first-stage-weight`` /
+``MatryoshkaReranker(first_stage_weight=...)``; the normalisation likewise with ``--matryoshka.fusion`` /
+``--fusion`` / ``MatryoshkaReranker(fusion=...)``.
 
 Only the final scores are fused: the cascade's exit decisions never see the first-stage scores.
 """
@@ -17,15 +23,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from matryoshka.errors import MatryoshkaError, OptionError
 
 #: what a weight is checked against (used in every error message about it)
-WEIGHT_EXPECTED = "a number in [0, 1] (the share of the z-normalised first-stage score in the final score; 0 = off)"
+WEIGHT_EXPECTED = "a number in [0, 1] (the share of the normalised first-stage score in the final score; 0 = off)"
 DEFAULT_FIRST_STAGE_WEIGHT = 0.0
+DEFAULT_FUSION = "z"
 
 
 class FirstStageScoreError(MatryoshkaError, ValueError):
@@ -40,28 +47,62 @@ def check_first_stage_weight(weight: object, option: str = "first_stage_weight")
     return float(weight)
 
 
+def _unit_scaled(values: np.ndarray) -> np.ndarray:
+    """``x / max|x|`` (float64): both normalisations are scale-free, and on [-1, 1] neither ``x - mean`` nor its
+    square can overflow, whatever the magnitude of the scores (1e308 included)."""
+    x = np.asarray(values, dtype=np.float64)
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    return x / peak if peak > 0.0 else x.copy()
+
+
 def znorm(values: np.ndarray) -> np.ndarray:
     """``(x - mean) / std`` (population std); all zeros for a single value or (numerically) constant values."""
-    x = np.asarray(values, dtype=np.float64)
+    x = _unit_scaled(values)
     if x.size < 2 or np.ptp(x) == 0.0:
         return np.zeros_like(x)
     centred = x - x.mean()
     std = float(np.sqrt(np.mean(centred * centred)))
-    if std <= 1e-12 * float(np.max(np.abs(x))):  # rounding noise of equal values, not a real spread
+    if std <= 1e-12:  # rounding noise of equal values (x is on [-1, 1]), not a real spread
         return np.zeros_like(x)
     return centred / std
 
 
+def minmax(values: np.ndarray) -> np.ndarray:
+    """``(x - min) / (max - min)``; all zeros for a single value or (numerically) constant values."""
+    x = _unit_scaled(values)
+    if x.size < 2:
+        return np.zeros_like(x)
+    spread = float(np.ptp(x))
+    if spread <= 1e-12:
+        return np.zeros_like(x)
+    return (x - float(x.min())) / spread
+
+
+#: the one source of the fusion normalisations (manifest ``policy.fusion``, ``--matryoshka.fusion``, tune ``--fusion``)
+NORMALIZATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"z": znorm, "minmax": minmax}
+FUSION_EXPECTED = f"one of {', '.join(NORMALIZATIONS)} (the per-query normalisation of fused scores)"
+
+
+def check_fusion(name: object, option: str = "fusion") -> str:
+    """``name`` if it is a known normalisation; otherwise :class:`OptionError` naming ``option`` and the value."""
+    if not isinstance(name, str) or name not in NORMALIZATIONS:
+        raise OptionError(option, name, FUSION_EXPECTED)
+    return name
+
+
 def fuse(model_scores: Sequence[float] | np.ndarray, first_stage_scores: Sequence[float] | np.ndarray | None,
          weight: float, groups: Sequence[object] | np.ndarray | None = None,
-         qids: Sequence[str] | None = None, docids: Sequence[str] | None = None) -> np.ndarray:
-    """Per group: ``(1 - weight) * z(model_scores) + weight * z(first_stage_scores)`` (float64, in input order).
+         qids: Sequence[str] | None = None, docids: Sequence[str] | None = None,
+         fusion: str = DEFAULT_FUSION) -> np.ndarray:
+    """Per group: ``(1 - weight) * n(model_scores) + weight * n(first_stage_scores)`` (float64, in input order),
+    ``n`` = ``NORMALIZATIONS[fusion]``.
 
     ``groups`` gives each candidate's query (default: all one query). ``weight == 0`` returns a float64 copy of
     ``model_scores`` untouched and ignores ``first_stage_scores`` (which may then be None). ``qids``/``docids``
     (optional, per candidate) only name the culprit when a first-stage score is not finite.
     """
     w = check_first_stage_weight(weight)
+    normalize = NORMALIZATIONS[check_fusion(fusion)]
     model = np.array(model_scores, dtype=np.float64)
     if model.ndim != 1:
         raise ValueError(f"model_scores has shape {model.shape}, expected a flat array")
@@ -94,5 +135,5 @@ def fuse(model_scores: Sequence[float] | np.ndarray, first_stage_scores: Sequenc
     _, inverse = np.unique(group_ids, return_inverse=True)
     for g in range(int(inverse.max()) + 1):
         rows = np.flatnonzero(inverse == g)
-        out[rows] = (1.0 - w) * znorm(model[rows]) + w * znorm(first[rows])
+        out[rows] = (1.0 - w) * normalize(model[rows]) + w * normalize(first[rows])
     return out

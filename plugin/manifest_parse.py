@@ -8,6 +8,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from matryoshka.layout import PairLayout
+from matryoshka.plugin.fusion import FUSION_EXPECTED, NORMALIZATIONS
 from matryoshka.plugin.manifest_schema import (
     CALIBRATION_KINDS,
     FAMILIES,
@@ -167,10 +168,13 @@ def manifest_from_dict(data: Any, source: PathLike = MANIFEST_NAME) -> Manifest:
     policy = PolicySpec(r.get(p, "name", "policy", str), float(r.get(p, "threshold", "policy", (int, float))),
                         p.get("tuned_on"),
                         float(r.get(p, "first_stage_weight", "policy", (int, float), optional=True, default=0.0)),
-                        r.get(p, "depth", "policy", int, optional=True, default=None))
+                        r.get(p, "depth", "policy", int, optional=True, default=None),
+                        r.get(p, "fusion", "policy", str, optional=True, default="z"))
     if policy.depth is not None and policy.depth < 1:
         raise r.fail("policy.depth", f"expected an integer >= 1 (candidates reranked per query) or no field "
                      f"(every candidate), got {policy.depth!r}")
+    if policy.fusion not in NORMALIZATIONS:
+        raise r.fail("policy.fusion", f"expected {FUSION_EXPECTED} or no field (z), got {policy.fusion!r}")
     if policy.name not in POLICY_NAMES:
         raise r.fail("policy.name", f"expected one of {', '.join(POLICY_NAMES)}, got {policy.name!r}")
     if not 0.0 <= policy.threshold <= 1.0:

@@ -123,23 +123,28 @@ class Calibration:
 class PolicySpec:
     """The runtime defaults: exit policy and threshold, the weight of the first-stage score in the final score
     (``first_stage_weight``, optional in the JSON: absent = 0.0 = no fusion; see :mod:`matryoshka.plugin.fusion`),
-    and the rerank depth (``depth``, optional: absent = every candidate; else only each query's top ``depth``
-    first-stage candidates are scored, the rest keep their order below them)."""
+    the rerank depth (``depth``, optional: absent = every candidate; else only each query's top ``depth``
+    first-stage candidates are scored, the rest keep their order below them) and the per-query normalisation of the
+    fusion (``fusion``, optional: absent = ``z``)."""
 
     name: str = "candidate"
     threshold: float = 0.95
     tuned_on: Any = None
     first_stage_weight: float = 0.0
     depth: int | None = None
+    fusion: str = "z"
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object; ``first_stage_weight`` only when it is not 0 and ``depth`` only when set, so manifests
+        """The JSON object; ``first_stage_weight`` only when it is not 0, ``depth`` only when set and ``fusion`` only
+        when it is not ``z``, so manifests
         without them are written exactly as before the fields existed (older plugins ignore unknown fields)."""
         data: dict[str, Any] = {"name": self.name, "threshold": self.threshold, "tuned_on": self.tuned_on}
         if self.first_stage_weight != 0.0:
             data["first_stage_weight"] = self.first_stage_weight
         if self.depth is not None:
             data["depth"] = self.depth
+        if self.fusion != "z":
+            data["fusion"] = self.fusion
         return data
 
 

@@ -13,7 +13,7 @@ from matryoshka.errors import DataFormatError, MissingInputError, OptionError
 from matryoshka.io.trec import read_run, read_topics, write_run
 from matryoshka.plugin.api import MatryoshkaReranker, MissingDocumentError
 from matryoshka.plugin.docs import CorpusDocs, DocumentSource, LuceneIndexDocs
-from matryoshka.plugin.fusion import check_first_stage_weight
+from matryoshka.plugin.fusion import NORMALIZATIONS, check_first_stage_weight
 from matryoshka.plugin.manifest import POLICY_NAMES
 from matryoshka.plugin.policies import DEFAULT_TOP_K, POLICY_DEFAULT_THRESHOLD, check_depth, check_threshold
 
@@ -35,9 +35,12 @@ def add_model_options(group: argparse._ActionGroup | argparse.ArgumentParser, pr
         help="exit threshold in [0, 1]; 1.0 never exits early (= full depth); default: the model's tuned value "
              f"(for another policy than the tuned one: {POLICY_DEFAULT_THRESHOLD})")
     opt("first-stage-weight", type=float, metavar="W", default=None,
-        help="interpolate with the first stage: final = (1-W) * z(reranker) + W * z(first-stage score), "
-             "z-normalised per query; W in [0, 1], 0 = reranker scores only; default: the model's tuned value "
-             "(manifest policy.first_stage_weight, 0 if absent)")
+        help="interpolate with the first stage: final = (1-W) * n(reranker) + W * n(first-stage score), "
+             f"normalised per query by --{prefix}fusion; W in [0, 1], 0 = reranker scores only; default: the "
+             "model's tuned value (manifest policy.first_stage_weight, 0 if absent)")
+    opt("fusion", choices=list(NORMALIZATIONS), default=None,
+        help="per-query normalisation n of that interpolation: z (mean 0, std 1) or minmax (to [0, 1]); default: "
+             "the model's (manifest policy.fusion, z if absent)")
     opt("depth", type=int, metavar="N", default=None,
         help="rerank only the top N candidates of each query; the rest keep their order below; 0 = all "
              "(default: the model's tuned depth, manifest policy.depth; all when it has none)")
@@ -73,7 +76,7 @@ def build_reranker(ns: argparse.Namespace, prefix: str = "") -> MatryoshkaRerank
         return MatryoshkaReranker(ns.model, policy=ns.policy, threshold=ns.threshold, providers=ns.providers,
                                   threads=ns.threads, batch_size=ns.batch_size, precision=ns.precision,
                                   top_k=ns.top_k, exit_layer=ns.exit_layer,
-                                  first_stage_weight=ns.first_stage_weight, depth=ns.depth)
+                                  first_stage_weight=ns.first_stage_weight, depth=ns.depth, fusion=ns.fusion)
     except OptionError as err:
         if err.option in ("exit_layer", "precision", "providers"):
             raise OptionError(f"--{prefix}{err.option.replace('_', '-')}", err.value,

@@ -38,8 +38,9 @@ class RunStats:
     below_depth: int = 0
     #: the rerank depth of the last rerank_run / rerank_query (None = every candidate)
     depth: int | None = None
-    #: weight of the z-normalised first-stage score in the final scores (0 = no fusion)
+    #: weight of the normalised first-stage score in the final scores (0 = no fusion) and the normalisation
     first_stage_weight: float = 0.0
+    fusion: str = "z"
 
     def __post_init__(self) -> None:
         self.exit_counts = np.zeros(len(self.exits), dtype=np.int64)
@@ -67,6 +68,7 @@ class RunStats:
         return {
             "policy": self.policy,
             "first_stage_weight": self.first_stage_weight,
+            "fusion": self.fusion,
             "depth": self.depth,
             "queries": self.queries,
             "candidates": n,
@@ -86,7 +88,8 @@ class RunStats:
     def summary(self) -> str:
         d = self.to_dict()
         hist = ", ".join(f"L{e}: {c}" for e, c in d["exit_histogram"].items())
-        return (f"matryoshka [{d['policy']}, first-stage weight {d['first_stage_weight']:g}, depth "
+        return (f"matryoshka [{d['policy']}, first-stage weight {d['first_stage_weight']:g} "
+                f"({d['fusion']}), depth "
                 f"{d['depth'] or 'all'}]: {d['queries']} "
                 f"queries, {d['candidates']} candidates" + (f" ({d['candidates_below_depth']} below the rerank depth, "
                                                              "not scored)" if d["candidates_below_depth"] else "")

@@ -1,14 +1,14 @@
 """``python -m matryoshka tune``: pick the cascade's policy and threshold on a dev split, store it in the manifest.
 
 BM25 top-``hits`` of the dev queries (Pyserini), one full-depth pass recording every exit's score (the BM25 scores
-are kept), then the first-stage weight W among ``--first-stage-weights`` (default 0 0.1 ... 0.7) whose
-fused full-depth nDCG@10, ``(1-W) * z(reranker) + W * z(BM25)`` per query, is best, an offline replay of every
-(policy, threshold, rerank depth) of the sweep with the same fusion, then the cheapest point whose nDCG@10 is
-within ``--max-loss`` of that fused full depth (default 1%), or the best point within ``--cost`` (share of
-full-depth layer-FLOPs of scoring every candidate). The rerank depth d scores only each query's top d BM25
-candidates (``--depths``, default all 80 60 50 40 30 20; ``--depths all`` = every candidate). The choice is written
-into the model's ``manifest.json`` (``policy``: name, threshold, first_stage_weight, depth, and what it was tuned
-on) unless ``--dry-run``. ``--first-stage-weights 0`` tunes the plain reranker (no fusion).
+are kept), then the first-stage weight W among ``--first-stage-weights`` (default 0 0.1 ... 0.7) whose fused
+full-depth nDCG@10, ``(1-W) * n(reranker) + W * n(BM25)`` per query (``n`` by ``--fusion``: z or minmax), is best,
+an offline replay of every (policy, threshold, rerank depth) of the sweep with the same fusion, then the cheapest
+point whose nDCG@10 is within ``--max-loss`` of that fused full depth (default 1%), or the best point within
+``--cost`` (share of full-depth layer-FLOPs of scoring every candidate). The rerank depth d scores only each query's
+top d BM25 candidates (``--depths``, default all 80 60 50 40 30 20; ``--depths all`` = every candidate). The choice
+is written into the model's ``manifest.json`` (``policy``: name, threshold, first_stage_weight, fusion, depth, and
+what it was tuned on) unless ``--dry-run``. ``--first-stage-weights 0`` tunes the plain reranker (no fusion).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from matryoshka.errors import DataFormatError, MatryoshkaError, OptionError
 from matryoshka.io import Run, read_run
 from matryoshka.io.atomic import atomic_write
 from matryoshka.plugin.cascade import Cascade
+from matryoshka.plugin.fusion import DEFAULT_FUSION, NORMALIZATIONS
 from matryoshka.plugin.manifest import PolicySpec, load_manifest, write_manifest
 from matryoshka.plugin.tuning import (
     DEFAULT_FIRST_STAGE_WEIGHTS,
@@ -67,9 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead: a cost target, the share of full-depth layer-FLOPs (e.g. 0.4)")
     parser.add_argument("--first-stage-weights", type=_weights, nargs="+", metavar="W",
                         default=[list(DEFAULT_FIRST_STAGE_WEIGHTS)],
-                        help="weights of the z-normalised BM25 score in the final score to choose from (best "
+                        help="weights of the normalised BM25 score in the final score to choose from (best "
                              "full-depth nDCG@10 wins; space- or comma-separated, each in [0, 1]; 0 alone = no "
                              f"fusion; default: {' '.join(f'{w:g}' for w in DEFAULT_FIRST_STAGE_WEIGHTS)})")
+    parser.add_argument("--fusion", choices=list(NORMALIZATIONS), default=DEFAULT_FUSION,
+                        help="per-query normalisation of the fusion, stored in the manifest (default: %(default)s; "
+                             "minmax = the training-free BM25 + bi-encoder fusion)")
     parser.add_argument("--depths", type=_depth, nargs="+", metavar="D", default=list(TUNE_DEPTHS),
                         help="rerank depths to choose from: 'all' or a number of candidates per query (default: "
                              f"{' '.join('all' if d is None else str(d) for d in TUNE_DEPTHS)})")
@@ -176,12 +180,13 @@ def save_cached(path: Path, key: str, recorded: Recorded) -> None:
                  first_stage=first)
 
 
-def write_choice(model_dir: str | Path, best: SweepPoint, first_stage_weight: float, tuned_on: dict) -> Path:
+def write_choice(model_dir: str | Path, best: SweepPoint, first_stage_weight: float, tuned_on: dict,
+                 fusion: str = DEFAULT_FUSION) -> Path:
     """Store the chosen policy, threshold, rerank depth and first-stage weight in ``model_dir/manifest.json``
     (atomically; the manifest is re-checked before it is written, the model's files are untouched)."""
     manifest = load_manifest(model_dir, verify=False)
     policy = PolicySpec(name=best.policy, threshold=best.threshold, tuned_on=tuned_on,
-                        first_stage_weight=float(first_stage_weight), depth=best.depth)
+                        first_stage_weight=float(first_stage_weight), depth=best.depth, fusion=fusion)
     return write_manifest(model_dir, dataclasses.replace(manifest, policy=policy))
 
 
@@ -222,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             recorded = record_run(cascade, candidates, prepared.dataset.queries, texts)
             if args.cache:
                 save_cached(args.cache, key, recorded)
+        recorded.fusion = args.fusion
         # a depth >= --hits scores every candidate: the same point as 'all'
         depths = check_depths([d if d is None or d < args.hits else None for d in args.depths])
         result = tune(recorded, qrels, weights, max_loss=max_loss, cost_target=args.cost, depths=depths)
@@ -232,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n| first-stage weight | full-depth nDCG@10 |\n|---|---|")
     for w, ndcg in result.full_ndcg_by_weight.items():
         print(f"| {w:g} | {ndcg:.4f}{' **chosen**' if w == weight else ''} |")
-    print(f"\nfull depth nDCG@10 on {args.data.name} {args.split} (first-stage weight {weight:g}): {full:.4f}\n")
+    print(f"\nfull depth nDCG@10 on {args.data.name} {args.split} (first-stage weight {weight:g}, {args.fusion}): "
+          f"{full:.4f}\n")
     print("| policy | threshold | depth | nDCG@10 | relative | mean layers | cost |\n|---|---|---|---|---|---|---|")
     for p in points:
         mark = " **chosen**" if p == best else ""
@@ -253,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "points": [p.as_dict() for p in points]}, handle, indent=1)
     budget = f"max_loss={max_loss}" if max_loss is not None else f"cost={args.cost}"
     print(f"\nchosen: policy={best.policy} threshold={best.threshold:g} depth={best.depth or 'all'} "
-          f"first_stage_weight={weight:g} (nDCG@10 "
+          f"first_stage_weight={weight:g} fusion={args.fusion} (nDCG@10 "
           f"{best.ndcg10:.4f}, {best.relative_ndcg:.1%} of full depth, {best.relative_cost:.1%} of its "
           f"layer-FLOPs; {budget})")
     if not args.dry_run:
@@ -267,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if weights != (0.0,):
             tuned_on["first_stage_weights"] = list(weights)
             tuned_on["full_ndcg10_unfused"] = round(recorded.full_depth_ndcg(qrels), 4)
-        path = write_choice(args.model, best, weight, tuned_on)
+        path = write_choice(args.model, best, weight, tuned_on, fusion=args.fusion)
         print(f"written to {path}")
     return 0
 

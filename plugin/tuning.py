@@ -33,7 +33,7 @@ import numpy as np
 from matryoshka.errors import OptionError
 from matryoshka.metrics import ndcg_at_k
 from matryoshka.plugin.cascade import Cascade
-from matryoshka.plugin.fusion import FirstStageScoreError, check_first_stage_weight, fuse
+from matryoshka.plugin.fusion import DEFAULT_FUSION, FirstStageScoreError, check_first_stage_weight, fuse
 from matryoshka.plugin.policies import ExitPolicy, StageView, make_policy
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,8 @@ class Recorded:
     cumulative_cost: np.ndarray
     #: first-stage (retriever) score per candidate, None when the recorded run had bare docids
     first_stage: np.ndarray | None = None
+    #: per-query normalisation of the fusion (a :data:`~matryoshka.plugin.fusion.NORMALIZATIONS` name)
+    fusion: str = DEFAULT_FUSION
 
     def fused(self, scores: np.ndarray, first_stage_weight: float = 0.0, rows: np.ndarray | None = None
               ) -> np.ndarray:
@@ -131,10 +133,11 @@ class Recorded:
             raise FirstStageScoreError(f"first_stage_weight={w:g} needs first-stage scores, but the recorded run "
                                        "has bare document ids (record a run with scores)")
         if rows is None:
-            return fuse(scores, self.first_stage, w, self.groups, qids=self.qids, docids=self.docids)
+            return fuse(scores, self.first_stage, w, self.groups, qids=self.qids, docids=self.docids,
+                        fusion=self.fusion)
         first = None if self.first_stage is None else self.first_stage[rows]
         return fuse(scores, first, w, self.groups[rows], qids=[self.qids[i] for i in rows],
-                    docids=[self.docids[i] for i in rows])
+                    docids=[self.docids[i] for i in rows], fusion=self.fusion)
 
     def to_run(self, scores: np.ndarray) -> dict[str, dict[str, float]]:
         run: dict[str, dict[str, float]] = {}

@@ -19,7 +19,7 @@ from matryoshka.errors import OptionError
 from matryoshka.metrics import ndcg_at_k
 from matryoshka.plugin.api import MatryoshkaReranker
 from matryoshka.plugin.cascade import Cascade
-from matryoshka.plugin.fusion import FirstStageScoreError, check_first_stage_weight, fuse, znorm
+from matryoshka.plugin.fusion import FirstStageScoreError, check_first_stage_weight, check_fusion, fuse, minmax, znorm
 from matryoshka.plugin.manifest import MANIFEST_NAME, ManifestError, load_manifest, write_manifest
 from matryoshka.plugin.policies import make_policy
 from matryoshka.plugin.testing import build_synthetic_model
@@ -45,6 +45,40 @@ def test_fuse_hand_made_numbers() -> None:
     np.testing.assert_allclose(fuse(model, first, 0.3), expected, rtol=0, atol=1e-12)
     # z(model) = [-1.069, -0.267, 1.336], z(first) = [-1.225, 1.225, 0]: spelled out once
     np.testing.assert_allclose(fuse(model, first, 0.3), [-1.1157, 0.1804, 0.9354], atol=1e-4)
+
+
+def test_minmax_fusion_hand_made_numbers() -> None:
+    """``fusion="minmax"`` is the training-free fusion: 0.7 * minmax(model) + 0.3 * minmax(first stage)."""
+    model, first = [1.0, 2.0, 4.0], [10.0, 30.0, 20.0]
+    # minmax(model) = [0, 1/3, 1], minmax(first) = [0, 1, 0.5]
+    np.testing.assert_allclose(fuse(model, first, 0.3, fusion="minmax"), [0.0, 0.7 / 3 + 0.3, 0.85], atol=1e-12)
+    np.testing.assert_allclose(minmax(np.array([5.0, 5.0])), [0.0, 0.0])
+    np.testing.assert_allclose(minmax(np.array([7.0])), [0.0])
+    np.testing.assert_allclose(minmax(np.array([-2.0, 0.0, 2.0])), [0.0, 0.5, 1.0])
+    # groups are normalised apart; weight 0 is still the identity
+    out = fuse([1.0, 3.0, 100.0, 300.0], [0.0, 1.0, 1.0, 0.0], 0.5, [0, 0, 1, 1], fusion="minmax")
+    np.testing.assert_allclose(out, [0.0, 1.0, 0.5, 0.5], atol=1e-12)
+    assert fuse([2.0, 1.0], [1.0, 2.0], 0.0, fusion="minmax").tolist() == [2.0, 1.0]
+
+
+@pytest.mark.parametrize("fusion", ["z", "minmax"])
+def test_huge_first_stage_scores_do_not_overflow(fusion: str) -> None:
+    """Issue 17 #9: +-1e308 gave NaN (a traceback), 1e160 vs 2e160 normalised to zeros (the first stage dropped)."""
+    model = [1.0, 2.0, 3.0]
+    for first in ([1e308, -1e308, 0.0], [1e160, 2e160, 1.5e160], [-1.7e308, 1.7e308, 1.7e308]):
+        out = fuse(model, first, 0.5, fusion=fusion)
+        assert np.isfinite(out).all()
+        scaled = [v / max(abs(x) for x in first) for v in first]  # both normalisations are scale-free
+        np.testing.assert_allclose(out, fuse(model, scaled, 0.5, fusion=fusion), atol=1e-12)
+    assert fuse(model, [1e160, 2e160, 1.5e160], 1.0, fusion=fusion).tolist() != [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("name", ["Z", "rank", "", None, 3])
+def test_unknown_fusion_is_refused(name: object) -> None:
+    with pytest.raises(OptionError, match=r"expected one of z, minmax"):
+        check_fusion(name)
+    with pytest.raises(OptionError, match=r"fusion="):
+        fuse([1.0, 2.0], [1.0, 2.0], 0.3, fusion=name)  # type: ignore[arg-type]
 
 
 def test_weight_zero_is_the_identity() -> None:
@@ -123,6 +157,23 @@ def test_manifest_round_trip_with_a_weight(tmp_path: Path) -> None:
     assert load_manifest(tmp_path) == tuned and load_manifest(tmp_path).schema_version == 1
     write_manifest(tmp_path, manifest)  # weight 0: written exactly as before the field existed
     assert (tmp_path / MANIFEST_NAME).read_bytes() == before
+
+
+def test_manifest_fusion_field(tmp_path: Path) -> None:
+    manifest = make_folder(tmp_path)
+    before = (tmp_path / MANIFEST_NAME).read_bytes()
+    assert manifest.policy.fusion == "z" and "fusion" not in json.loads(before)["policy"]
+    tuned = dataclasses.replace(manifest, policy=dataclasses.replace(manifest.policy, fusion="minmax",
+                                                                     first_stage_weight=0.3))
+    write_manifest(tmp_path, tuned)
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["policy"]["fusion"] == "minmax"
+    assert load_manifest(tmp_path) == tuned
+    write_manifest(tmp_path, manifest)
+    assert (tmp_path / MANIFEST_NAME).read_bytes() == before
+    _edit(tmp_path, lambda d: d["policy"].__setitem__("fusion", "rrf"))
+    with pytest.raises(ManifestError, match=r"policy\.fusion: expected one of z, minmax .* got 'rrf'") as info:
+        load_manifest(tmp_path)
+    assert str(tmp_path / MANIFEST_NAME) in str(info.value)
 
 
 @pytest.mark.parametrize("value", [1.5, -0.2, "0.3", True, [0.3]])
@@ -220,6 +271,28 @@ def test_weight_from_manifest_and_override(model_dir: Path, tmp_path: Path) -> N
         MatryoshkaReranker(folder, first_stage_weight=2)
 
 
+def test_minmax_fusion_from_manifest_and_override(model_dir: Path, corpus: dict[str, str], tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    manifest = load_manifest(folder)
+    write_manifest(folder, dataclasses.replace(manifest, policy=dataclasses.replace(
+        manifest.policy, first_stage_weight=0.3, fusion="minmax")))
+    ids = list(corpus)[:8]
+    topics, bm25 = {"q1": "insulin"}, {d: 10.0 - 1.25 * i for i, d in enumerate(ids)}
+    reranker = MatryoshkaReranker(folder, policy="fixed", batch_size=4, threads=1)
+    assert reranker.fusion == "minmax"
+    model = reranker.predict([(topics["q1"], corpus[d]) for d in ids])
+    out = reranker.rerank_run({"q1": bm25}, topics, corpus)["q1"]
+    expected = 0.7 * minmax(model) + 0.3 * minmax(np.array([bm25[d] for d in ids]))
+    np.testing.assert_allclose([out[d] for d in ids], expected, atol=1e-6)
+    assert "(minmax)" in reranker.stats.summary() and reranker.stats.to_dict()["fusion"] == "minmax"
+    z_out = MatryoshkaReranker(folder, policy="fixed", batch_size=4, threads=1, fusion="z").rerank_run(
+        {"q1": bm25}, topics, corpus)["q1"]
+    np.testing.assert_allclose([z_out[d] for d in ids], fuse(model, [bm25[d] for d in ids], 0.3), atol=1e-6)
+    with pytest.raises(OptionError, match=r"fusion='l2' is invalid"):
+        MatryoshkaReranker(folder, fusion="l2")
+
+
 # ------------------------------------------------------------------------------------------------ tuning
 QUERIES = {"q1": "insulin resistance", "q2": "dna repair", "q3": "vitamin d bone", "q4": "cancer cells"}
 
@@ -238,15 +311,18 @@ def scored_run(corpus: dict[str, str]) -> tuple[dict[str, dict[str, float]], dic
     return run, qrels
 
 
-def test_replay_with_fusion_equals_the_runtime(model_dir: Path, corpus: dict[str, str], scored_run) -> None:
+@pytest.mark.parametrize("fusion", ["z", "minmax"])
+def test_replay_with_fusion_equals_the_runtime(model_dir: Path, corpus: dict[str, str], scored_run,
+                                               fusion: str) -> None:
     run, _ = scored_run
     recorded = record_run(Cascade(model_dir, batch_size=4, threads=1), run, QUERIES, corpus, progress=False)
+    recorded.fusion = fusion
     assert recorded.first_stage is not None
     np.testing.assert_array_equal(recorded.first_stage, [run[q][d] for q, d in zip(recorded.qids, recorded.docids,
                                                                                     strict=True)])
     for policy, threshold in (("candidate", 0.6), ("query", 0.2), ("topk", 0.7)):
         reranker = MatryoshkaReranker(model_dir, policy=policy, threshold=threshold, top_k=3, batch_size=4,
-                                      threads=1, first_stage_weight=0.4)
+                                      threads=1, first_stage_weight=0.4, fusion=fusion)
         real = reranker.rerank_run(run, QUERIES, corpus)
         chosen = make_policy(policy, threshold, recorded.exits, 0.9, top_k=3)
         final, _ = replay(recorded.exit_scores, recorded.groups, chosen, recorded.exits, recorded.residual_std)
@@ -393,6 +469,11 @@ def test_tune_cli_writes_the_weight(monkeypatch: pytest.MonkeyPatch, model_dir: 
     manifest = load_manifest(folder, verify=True)
     assert manifest.policy.depth == 3 and "depth=3" in capsys.readouterr().out
     assert manifest.policy.tuned_on["depths"] == ["all", 3]
+    assert manifest.policy.fusion == "z"
+    assert tune_main([*cheap, "--first-stage-weights", "0.3", "--fusion", "minmax", "--cost", "0.5"]) == 0
+    manifest = load_manifest(folder, verify=True)
+    assert manifest.policy.fusion == "minmax" and manifest.policy.first_stage_weight == 0.3
+    assert "fusion=minmax" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         tune_main([*cheap, "--depths", "0"])
     assert "'0' is not 'all' or an integer >= 1" in capsys.readouterr().err
