@@ -16,8 +16,9 @@ query's reranked scores by ``(1 - w) * n(model) + w * n(first stage)`` (normalis
 the manifest's ``policy.fusion``: ``z`` or ``minmax``, see :mod:`matryoshka.plugin.fusion`), the first-stage scores
 being the run's scores. :meth:`~MatryoshkaReranker.rank`
 fuses only when it is given ``first_stage_scores``; :meth:`~MatryoshkaReranker.predict` never fuses (it has no
-first-stage scores and returns the model's scores). w = 0 gives exactly the model's scores. The cascade's exit
-decisions never depend on w.
+first-stage scores and returns the model's scores). w = 0 gives exactly the model's scores. Where the scores are fused,
+the ``topk`` policy prunes on the fused ranking (see :mod:`matryoshka.plugin.policies`); the other policies never
+depend on w.
 """
 
 from __future__ import annotations
@@ -173,9 +174,12 @@ class MatryoshkaReranker:
     def reset_stats(self) -> None:
         self.stats = self._new_stats()
 
-    def _score(self, queries: list[str], passages: list[str], groups: np.ndarray, n_queries: int) -> CascadeResult:
+    def _score(self, queries: list[str], passages: list[str], groups: np.ndarray, n_queries: int,
+               first_stage: Sequence[float] | None = None) -> CascadeResult:
+        """The cascade over the pairs; with ``first_stage`` scores, ``topk`` prunes on the ranking fused with them."""
         start = time.perf_counter()
-        result = self.cascade.run(queries, passages, self.policy, groups)
+        weight = 0.0 if first_stage is None else self.first_stage_weight
+        result = self.cascade.run(queries, passages, self.policy, groups, first_stage, weight, self.fusion)
         self.stats.add(result.exit_stage, time.perf_counter() - start, n_queries, result.truncated)
         self.last_result = result
         return result
@@ -262,7 +266,11 @@ class MatryoshkaReranker:
                                        "candidates (expected one per candidate)")
         out: dict[str, float] = {}
         if head:
-            result = self._score([query] * len(head), list(texts[: len(head)]), np.zeros(len(head), np.int64), 1)
+            first = None if w == 0 else list(first_stage_scores[: len(head)])
+            if first is not None:  # bad first-stage scores are named by document before any compute
+                fuse(np.zeros(len(head)), first, w, docids=head, qids=None if qid is None else [qid] * len(head))
+            result = self._score([query] * len(head), list(texts[: len(head)]), np.zeros(len(head), np.int64), 1,
+                                 first)
             scores = result.scores
             if w > 0:
                 scores = fuse(scores, list(first_stage_scores[: len(head)]), w, docids=head,

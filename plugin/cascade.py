@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 
 from matryoshka.errors import MatryoshkaError, OptionError
 from matryoshka.layout import PairLayout, prepare_tokenizer
+from matryoshka.plugin.fusion import DEFAULT_FUSION
 from matryoshka.plugin.manifest import (
     FIRST_STAGE_INPUTS,
     STAGE_OUTPUTS,
@@ -133,15 +134,21 @@ class Cascade:
         return [rows[i: i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
 
     def run(self, queries: Sequence[str], passages: Sequence[str], policy: ExitPolicy,
-            groups: Sequence[int] | np.ndarray | None = None) -> CascadeResult:
+            groups: Sequence[int] | np.ndarray | None = None, first_stage: Sequence[float] | np.ndarray | None = None,
+            first_stage_weight: float = 0.0, fusion: str = DEFAULT_FUSION) -> CascadeResult:
         """Score ``(queries[i], passages[i])`` pairs. ``groups`` (default: all one group) tells the ``query`` and
-        ``topk`` policies which candidates belong to the same query."""
+        ``topk`` policies which candidates belong to the same query; ``first_stage`` scores (with the weight and
+        normalisation the caller fuses the final scores with) let ``topk`` prune on the fused ranking. The returned
+        scores are never fused."""
         n = len(queries)
         if len(passages) != n:
             raise ValueError(f"got {n} queries but {len(passages)} passages")
         group_ids = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)
         if group_ids.shape != (n,):
             raise ValueError(f"groups has shape {group_ids.shape}, expected ({n},)")
+        first = None if first_stage is None or first_stage_weight == 0.0 else np.asarray(first_stage, np.float64)
+        if first is not None and first.shape != (n,):
+            raise ValueError(f"first_stage has shape {first.shape}, expected ({n},)")
         final = np.full(n, np.nan, dtype=np.float64)
         exit_stage = np.full(n, -1, dtype=np.int64)
         if n == 0:
@@ -173,7 +180,7 @@ class Cascade:
                 leaving = np.ones(len(alive), dtype=bool)
             else:
                 view = StageView(k, self.exits[k], self.manifest.exit_calibration(self.exits[k]).residual_std,
-                                 alive, current.copy(), group_ids)
+                                 alive, current.copy(), group_ids, first, first_stage_weight, fusion)
                 leaving = policy.decide(view)
             exited = alive[leaving]
             final[exited] = current[exited]

@@ -16,7 +16,8 @@ and can be overridden with ``--matryoshka.first-stage-weight`` / ``--first-stage
 ``MatryoshkaReranker(first_stage_weight=...)``; the normalisation likewise with ``--matryoshka.fusion`` /
 ``--fusion`` / ``MatryoshkaReranker(fusion=...)``.
 
-Only the final scores are fused: the cascade's exit decisions never see the first-stage scores.
+The final scores are fused; of the exit policies only ``topk`` reads the first-stage scores (it prunes a candidate
+that cannot reach the top k of the *fused* ranking, see :mod:`matryoshka.plugin.policies`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -78,8 +80,24 @@ def minmax(values: np.ndarray) -> np.ndarray:
     return (x - float(x.min())) / spread
 
 
+def _std(values: np.ndarray) -> float:
+    return float(np.std(_unit_scaled(values))) * float(np.max(np.abs(values), initial=0.0))
+
+
+def _range(values: np.ndarray) -> float:
+    return float(np.ptp(_unit_scaled(values))) * float(np.max(np.abs(values), initial=0.0))
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """``normalize(x)`` and the divisor it applies (``spread(x)``: what one unit of ``x`` is worth after it)."""
+
+    normalize: Callable[[np.ndarray], np.ndarray]
+    spread: Callable[[np.ndarray], float]
+
+
 #: the one source of the fusion normalisations (manifest ``policy.fusion``, ``--matryoshka.fusion``, tune ``--fusion``)
-NORMALIZATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"z": znorm, "minmax": minmax}
+NORMALIZATIONS: dict[str, Normalization] = {"z": Normalization(znorm, _std), "minmax": Normalization(minmax, _range)}
 FUSION_EXPECTED = f"one of {', '.join(NORMALIZATIONS)} (the per-query normalisation of fused scores)"
 
 
@@ -102,7 +120,7 @@ def fuse(model_scores: Sequence[float] | np.ndarray, first_stage_scores: Sequenc
     (optional, per candidate) only name the culprit when a first-stage score is not finite.
     """
     w = check_first_stage_weight(weight)
-    normalize = NORMALIZATIONS[check_fusion(fusion)]
+    normalize = NORMALIZATIONS[check_fusion(fusion)].normalize
     model = np.array(model_scores, dtype=np.float64)
     if model.ndim != 1:
         raise ValueError(f"model_scores has shape {model.shape}, expected a flat array")

@@ -14,7 +14,10 @@ compensation phase trains), so a candidate that stops early stays comparable wit
     residual_std(exit) * max(0, Phi^-1(threshold))``, where ``residual_std`` is the manifest's standard deviation of
     ``s'_exit - s_final`` and ``Phi^-1`` the standard normal quantile: under a Gaussian residual, a pruned candidate's
     final score would have stayed below the current k-th best with probability >= ``threshold``. At threshold <= 0.5
-    the margin is 0; at 1.0 it is infinite. Queries with ``k`` or fewer candidates never exit early.
+    the margin is 0; at 1.0 it is infinite. Queries with ``k`` or fewer candidates never exit early. When the final
+    scores are fused with the first stage (weight ``w > 0``), ``s'`` and ``s'_(k)`` are the *fused* current scores
+    and the margin is converted to fused units (``(1 - w) * margin / spread``, ``spread`` the normalisation's divisor
+    of the query's current scores): the policy prunes what cannot reach the top k of the ranking that is returned.
 ``fixed``
     every candidate exits at one given exit layer (FlagEmbedding's ``cutoff_layers``); the threshold is unused.
 
@@ -34,6 +37,7 @@ from statistics import NormalDist
 import numpy as np
 
 from matryoshka.errors import OptionError
+from matryoshka.plugin.fusion import DEFAULT_FUSION, NORMALIZATIONS, fuse
 from matryoshka.plugin.manifest_schema import POLICY_NAMES
 
 logger = logging.getLogger(__name__)
@@ -57,10 +61,25 @@ class StageView:
     alive: np.ndarray
     scores: np.ndarray
     groups: np.ndarray
+    #: the first-stage score of every candidate and how the final scores fuse it (None / 0: no fusion)
+    first_stage: np.ndarray | None = None
+    first_stage_weight: float = 0.0
+    fusion: str = DEFAULT_FUSION
 
     @property
     def alive_scores(self) -> np.ndarray:
         return self.scores[self.alive]
+
+    def ranking_scores(self, members: np.ndarray) -> tuple[np.ndarray, float]:
+        """The scores the final ranking of candidates ``members`` (one query) would use now (fused with the first
+        stage when the view has a weight), and what one unit of model score is worth on that scale."""
+        scores = self.scores[members]
+        w = self.first_stage_weight
+        if self.first_stage is None or w == 0.0:
+            return scores, 1.0
+        spread = NORMALIZATIONS[self.fusion].spread(scores)
+        fused = fuse(scores, self.first_stage[members], w, fusion=self.fusion)
+        return fused, (1.0 - w) / spread if spread > 0.0 else 0.0
 
 
 class ExitPolicy(ABC):
@@ -140,10 +159,13 @@ class TopKPolicy(ExitPolicy):
         for members in _group_slices(view.groups):
             if len(members) <= self.k:
                 continue
-            kth = np.sort(view.scores[members])[::-1][self.k - 1]
-            group_id = view.groups[members[0]]
-            rows = np.flatnonzero(alive_groups == group_id)
-            mask[rows] = view.scores[view.alive[rows]] + margin < kth
+            values, unit = view.ranking_scores(members)
+            kth = np.sort(values)[::-1][self.k - 1]
+            rows = np.flatnonzero(alive_groups == view.groups[members[0]])
+            position = np.searchsorted(members, view.alive[rows])  # members is ascending (np.flatnonzero)
+            if math.isinf(margin):
+                continue
+            mask[rows] = values[position] + margin * unit < kth
         return mask
 
     def describe(self) -> str:

@@ -71,8 +71,10 @@ def record_exit_scores(cascade: Cascade, queries: Sequence[str], passages: Seque
 
 
 def replay(exit_scores: np.ndarray, groups: np.ndarray, policy: ExitPolicy, exits: Sequence[int],
-           residual_std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """The (final scores, exit stage) the cascade gives with ``policy``, from recorded exit scores."""
+           residual_std: Sequence[float], first_stage: np.ndarray | None = None, first_stage_weight: float = 0.0,
+           fusion: str = DEFAULT_FUSION) -> tuple[np.ndarray, np.ndarray]:
+    """The (unfused final scores, exit stage) the cascade gives with ``policy``, from recorded exit scores (the
+    first-stage scores and fusion as :meth:`Cascade.run` takes them)."""
     n, stages = exit_scores.shape
     final = np.full(n, np.nan)
     exit_stage = np.full(n, -1, dtype=np.int64)
@@ -83,7 +85,9 @@ def replay(exit_scores: np.ndarray, groups: np.ndarray, policy: ExitPolicy, exit
         if k == stages - 1:
             leaving = np.ones(len(alive), dtype=bool)
         else:
-            leaving = policy.decide(StageView(k, exits[k], float(residual_std[k]), alive, current.copy(), groups))
+            first = None if first_stage_weight == 0.0 else first_stage
+            leaving = policy.decide(StageView(k, exits[k], float(residual_std[k]), alive, current.copy(), groups,
+                                              first, first_stage_weight, fusion))
         final[alive[leaving]] = current[alive[leaving]]
         exit_stage[alive[leaving]] = k
         alive = alive[~leaving]
@@ -166,15 +170,18 @@ class Recorded:
         ``first_stage_weight`` as the runtime does, and each candidate's exit stage. With ``depth``, only each
         query's top ``depth`` first-stage candidates are scored; the others get stage -1 and scores below the
         scored ones in first-stage order (``min - 1 - i``), as :meth:`MatryoshkaReranker.rerank_run` gives."""
+        first = None if first_stage_weight == 0.0 else self.first_stage
         if depth is None:
-            final, stage = replay(self.exit_scores, self.groups, policy, self.exits, self.residual_std)
+            final, stage = replay(self.exit_scores, self.groups, policy, self.exits, self.residual_std, first,
+                                  first_stage_weight, self.fusion)
             return self.fused(final, first_stage_weight), stage
         rank = self.first_stage_rank
         head, tail = np.flatnonzero(rank < depth), np.flatnonzero(rank >= depth)
         final = np.full(len(self.docids), np.nan)
         stage = np.full(len(self.docids), -1, dtype=np.int64)
         head_final, stage[head] = replay(self.exit_scores[head], self.groups[head], policy, self.exits,
-                                         self.residual_std)
+                                         self.residual_std, None if first is None else first[head],
+                                         first_stage_weight, self.fusion)
         final[head] = self.fused(head_final, first_stage_weight, rows=head)
         # every query with a tail has scored candidates (its rank-0 one): its floor is their lowest final score
         _, group_index = np.unique(self.groups, return_inverse=True)

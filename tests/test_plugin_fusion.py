@@ -26,7 +26,7 @@ from matryoshka.plugin.testing import build_synthetic_model
 from matryoshka.plugin.tune_cli import build_parser as tune_parser
 from matryoshka.plugin.tune_cli import main as tune_main
 from matryoshka.plugin.tune_cli import write_choice
-from matryoshka.plugin.tuning import choose_weight, record_run, replay, sweep, tune
+from matryoshka.plugin.tuning import choose_weight, record_run, sweep, tune
 from tests.test_plugin_manifest import _edit, make_folder
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "scifact-mini"
@@ -325,8 +325,7 @@ def test_replay_with_fusion_equals_the_runtime(model_dir: Path, corpus: dict[str
                                       threads=1, first_stage_weight=0.4, fusion=fusion)
         real = reranker.rerank_run(run, QUERIES, corpus)
         chosen = make_policy(policy, threshold, recorded.exits, 0.9, top_k=3)
-        final, _ = replay(recorded.exit_scores, recorded.groups, chosen, recorded.exits, recorded.residual_std)
-        replayed = recorded.to_run(recorded.fused(final, 0.4))
+        replayed = recorded.to_run(recorded.replay(chosen, 0.4)[0])
         for qid in run:
             np.testing.assert_allclose([replayed[qid][d] for d in run[qid]], [real[qid][d] for d in run[qid]],
                                        atol=1e-5)

@@ -90,6 +90,24 @@ def test_topk_counts_exited_candidates_in_the_kth_best() -> None:
     assert decided.tolist() == [True, True]
 
 
+def test_topk_with_fusion_prunes_on_the_fused_ranking() -> None:
+    """With first-stage scores and a weight, topk keeps what the *fused* ranking can still put in its top k."""
+    scores = np.array([4.0, 3.0, 0.0, 2.0])  # model alone: k=2 -> 2nd best 3.0; 0.0 and 2.0 exit at margin 0
+    first = np.array([0.0, 1.0, 10.0, 0.0])  # BM25 loves candidate 2
+    plain = StageView(0, 2, 0.0, np.arange(4), scores, np.zeros(4, np.int64))
+    assert TopKPolicy(0.5, k=2).decide(plain).tolist() == [False, False, True, True]
+    fused = StageView(0, 2, 0.0, np.arange(4), scores, np.zeros(4, np.int64), first, 0.5, "minmax")
+    # minmax: model [1, .75, 0, .5], first [0, .1, 1, 0] -> fused .5*(.) = [.5, .425, .5, .25]: 2nd best .5
+    assert TopKPolicy(0.5, k=2).decide(fused).tolist() == [False, True, False, True]
+    # the margin is converted to fused units: (1 - w) / range = 0.5 / 4 per model unit; residual 2 at
+    # threshold Phi(1) -> margin 2 model units = 0.25 fused units: .425 + .25 and .25 + .25 >= .5 -> nobody exits
+    wide = StageView(0, 2, 2.0, np.arange(4), scores, np.zeros(4, np.int64), first, 0.5, "minmax")
+    assert not TopKPolicy(0.8413448, k=2).decide(wide).any()
+    # weight 0 (or no first-stage scores) is the plain policy
+    zero = StageView(0, 2, 0.0, np.arange(4), scores, np.zeros(4, np.int64), first, 0.0, "minmax")
+    assert TopKPolicy(0.5, k=2).decide(zero).tolist() == [False, False, True, True]
+
+
 def test_fixed_policy_exits_at_its_layer() -> None:
     policy = FixedPolicy(4, (2, 4, 6))
     assert not policy.decide(view([0.0, 1.0], exit_layer=2)).any()
