@@ -88,8 +88,8 @@ class RunStats:
     def summary(self) -> str:
         d = self.to_dict()
         hist = ", ".join(f"L{e}: {c}" for e, c in d["exit_histogram"].items())
-        return (f"matryoshka [{d['policy']}, first-stage weight {d['first_stage_weight']:g} "
-                f"({d['fusion']}), depth "
+        fusion = f" ({d['fusion']})" if d["first_stage_weight"] else ""  # the normalisation matters only when fused
+        return (f"matryoshka [{d['policy']}, first-stage weight {d['first_stage_weight']:g}{fusion}, depth "
                 f"{d['depth'] or 'all'}]: {d['queries']} "
                 f"queries, {d['candidates']} candidates" + (f" ({d['candidates_below_depth']} below the rerank depth, "
                                                              "not scored)" if d["candidates_below_depth"] else "")

@@ -84,7 +84,7 @@ def test_first_stage_weight_flag(files: dict[str, Path], tmp_path: Path, capsys)
     for qid, entries in before.queries.items():  # 1 = the run's own (distinct) scores decide
         assert [e.docid for e in after.queries[qid]] == [e.docid for e in entries]
     assert main(args(files, mixed, "--first-stage-weight", "0.5", "--depth", "5")) == 0
-    assert "first-stage weight 0.5, depth 5]" in capsys.readouterr().err
+    assert "first-stage weight 0.5 (z), depth 5]" in capsys.readouterr().err
     assert mixed.read_bytes() != plain.read_bytes()
 
 
