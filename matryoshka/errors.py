@@ -9,8 +9,21 @@ from __future__ import annotations
 import os
 
 
+MAX_MESSAGE_CHARS = 1000  # a 5 MB document id must not make a 5 MB "one line"
+
+
 class MatryoshkaError(Exception):
-    """Base class of the project's user-facing errors (bad input, bad options, bad model folders)."""
+    """Base class of the project's user-facing errors (bad input, bad options, bad model folders).
+
+    ``str()`` is one line (line breaks become spaces) of at most about ``MAX_MESSAGE_CHARS`` characters: a longer
+    message keeps its start and its end (the fix) around a note of how much was cut."""
+
+    def __str__(self) -> str:
+        text = super().__str__().replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+        if len(text) <= MAX_MESSAGE_CHARS:
+            return text
+        head, tail = text[: MAX_MESSAGE_CHARS * 2 // 3], text[-MAX_MESSAGE_CHARS // 4:]
+        return f"{head} [... {len(text) - len(head) - len(tail)} characters cut ...] {tail}"
 
 
 class DataFormatError(MatryoshkaError, ValueError):

@@ -221,15 +221,22 @@ class MatryoshkaReranker:
         """Documents sorted by descending score (ties: lower index first): ``[{"corpus_id", "score"[, "text"]}]``.
 
         With ``first_stage_scores`` (one per document) the scores are fused with them by ``first_stage_weight``;
-        without, they are the model's scores."""
+        without, they are the model's scores. ``documents`` is a sequence of strings (a bare string is refused, not
+        ranked character by character); ``top_k`` is None (all) or an integer >= 1."""
         check_text(query, "query", allow_empty=False)
+        if isinstance(documents, str | bytes) or not isinstance(documents, Sequence | Iterable):
+            raise InputTextError(f"documents must be a list of strings, got {type(documents).__name__} "
+                                 "(wrap a single document in a list)")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise InputTextError(f"top_k must be None (all documents) or an integer >= 1, got {top_k!r}")
         docs = [check_text(d, f"document {i}", allow_empty=True) for i, d in enumerate(documents)]
         if first_stage_scores is not None and len(first_stage_scores) != len(docs):
             raise InputTextError(f"got {len(first_stage_scores)} first_stage_scores for {len(docs)} documents "
                                  "(expected one per document)")
         if not docs:
             return []
-        result = self._score([query] * len(docs), docs, np.zeros(len(docs), dtype=np.int64), 1)
+        first = None if first_stage_scores is None else list(first_stage_scores)
+        result = self._score([query] * len(docs), docs, np.zeros(len(docs), dtype=np.int64), 1, first)
         scores = result.scores
         if first_stage_scores is not None:
             scores = fuse(scores, first_stage_scores, self.first_stage_weight,
@@ -288,7 +295,7 @@ class MatryoshkaReranker:
         """Rerank every query of a run (``Run``, ``{qid: {docid: score}}`` or ``{qid: [docid, ...]}`` in ranked
         order) and return ``{qid: {docid: score}}`` in the run's query order. Only the top ``depth`` candidates of
         each query are scored (None = the reranker's ``depth``, 0 = all); the text of those is fetched with
-        ``doc_text_lookup``. The run's
+        ``doc_text_lookup``, which must also know every candidate below the depth. The run's
         scores are the first-stage scores fused by ``first_stage_weight`` (bare docid lists have none: they need
         ``first_stage_weight=0``)."""
         depth = self._depth(depth)
@@ -307,5 +314,8 @@ class MatryoshkaReranker:
                 if text is None:
                     raise MissingDocumentError(qid, docid, source)
                 texts.append(check_text(text, f"document {docid!r}", allow_empty=True))
+            for docid in docids[depth:] if depth is not None else ():  # kept unscored, but never made up
+                if lookup(docid) is None:
+                    raise MissingDocumentError(qid, docid, source)
             reranked[qid] = self._rerank_query(query, docids, texts, depth, first_stage, qid)
         return reranked

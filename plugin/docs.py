@@ -30,13 +30,20 @@ class DocumentSource(Protocol):
 
 
 def text_of_record(record: object) -> str | None:
-    """Passage text of a parsed JSON document: ``contents``, else ``title`` + ``text``; None if neither."""
+    """Passage text of a parsed JSON document: ``contents``, else ``title`` + ``text``; None if neither.
+
+    A field that is present must be a string: ``ValueError`` names it otherwise (null, a number, a list), never
+    its ``str()`` ("None", "['a']") scored as if it were the passage.
+    """
     if not isinstance(record, dict):
         return None
+    for field in ("contents", "title", "text"):
+        if field in record and not isinstance(record[field], str):
+            raise ValueError(f"'{field}' must be a string, got {json.dumps(record[field])[:40]}")
     if "contents" in record:
-        return str(record["contents"] or "")
+        return record["contents"]
     if "text" in record or "title" in record:
-        title, text = str(record.get("title") or ""), str(record.get("text") or "")
+        title, text = record.get("title", ""), record.get("text", "")
         return f"{title} {text}".strip() if title else text
     return None
 
@@ -75,12 +82,19 @@ class CorpusDocs:
                                           "re-encode the corpus as UTF-8") from None
                 if not line.strip():
                     continue
+                if number == 1:
+                    line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise DataFormatError(file, number, f"invalid JSON ({err.msg} at column {err.colno})") from None
                 docid = record.get("_id", record.get("id")) if isinstance(record, dict) else None
-                text = text_of_record(record)
+                try:
+                    text = text_of_record(record)
+                except ValueError as err:
+                    raise DataFormatError(file, number, str(err)) from None
+                if isinstance(docid, bool) or not isinstance(docid, str | int | None):
+                    raise DataFormatError(file, number, f"document id must be a string, got {json.dumps(docid)[:40]}")
                 if docid is None or text is None:
                     raise DataFormatError(file, number, "expected a JSON object with '_id', 'title', 'text' (BEIR) "
                                           "or 'id', 'contents' (Pyserini JsonCollection)")
@@ -124,7 +138,11 @@ class LuceneIndexDocs:
             parsed = json.loads(raw)
         except json.JSONDecodeError:
             return raw
-        text = text_of_record(parsed)
+        try:
+            text = text_of_record(parsed)
+        except ValueError as err:
+            raise DataFormatError(self.index, None, f"document {docid!r}: {err}",
+                                  "reindex it with string fields") from None
         return raw if text is None else text
 
     def describe(self) -> str:

@@ -208,6 +208,9 @@ def make_policy(name: str, threshold: float | None, exits: Sequence[int], defaul
     """Build a policy by name; ``threshold`` None takes the model's default (its manifest policy threshold)."""
     if name not in POLICY_NAMES:
         raise OptionError("policy", name, f"one of {', '.join(POLICY_NAMES)}")
+    if exit_layer is not None and name != "fixed":
+        raise OptionError("exit_layer", exit_layer, f"no exit layer with the {name} policy (it picks each "
+                          "candidate's exit itself); add --policy fixed to exit every candidate at one layer")
     if name == "fixed":
         if threshold is not None:
             logger.warning("the fixed policy ignores the threshold (%s); it exits at one layer", threshold)

@@ -198,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.split == "test":
             raise OptionError("--split", args.split, "a dev or held-out split: tuning on test inflates its figures")
         weights = check_weights([w for group in args.first_stage_weights for w in group])
+        # the model is checked (manifest, files, hashes) before the BM25 search, not after it
+        cascade = Cascade(args.model, precision=args.precision, threads=args.threads, batch_size=args.batch_size)
         from matryoshka.pipeline import bm25_search, prepare_beir  # Pyserini only on this path
 
         prepared = prepare_beir(args.data, args.split, args.work)
@@ -216,7 +218,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         qrels = prepared.dataset.qrels if args.queries is None else {
             q: prepared.dataset.qrels[q] for q in candidates if q in prepared.dataset.qrels}
         texts = {e.docid: prepared.dataset.corpus[e.docid].contents for docs in candidates.values() for e in docs}
-        cascade = Cascade(args.model, precision=args.precision, threads=args.threads, batch_size=args.batch_size)
         recorded = None
         key = cache_key(cascade, args) if args.cache else ""
         if args.cache:

@@ -223,3 +223,45 @@ def test_read_json_object_names_the_file_line_and_fix(tmp_path: Path) -> None:
         read_json_object(path, "thing")
     path.write_text('{"a": [1]}')
     assert read_json_object(path, "thing") == {"a": [1]}
+
+
+# ---------------------------------------------------------------------------------------------------- issue 17
+@pytest.mark.parametrize("value", ["null", "false", "3", '["a", "b"]', '{"x": 1}'])
+def test_jsonl_topics_with_non_string_text_are_refused(tmp_path: Path, value: str) -> None:  # #5
+    path = write(tmp_path / "q.jsonl", '{"_id": "1", "text": "fine"}\n{"_id": "2", "text": %s}\n' % value)
+    with pytest.raises(DataFormatError, match=r"q.jsonl:2: 'text' must be a string"):
+        read_topics(path)
+    bad_id = write(tmp_path / "i.jsonl", '{"_id": null, "text": "x"}\n')
+    with pytest.raises(DataFormatError, match=r"i.jsonl:1: '_id' must be a string"):
+        read_topics(bad_id)
+
+
+@pytest.mark.parametrize("field", ["text", "title", "contents"])
+@pytest.mark.parametrize("value", ["null", '["a"]', "1"])
+def test_corpus_fields_that_are_not_strings_are_refused(tmp_path: Path, field: str, value: str) -> None:  # #5
+    from matryoshka.plugin.docs import CorpusDocs
+
+    other = "contents" if field != "contents" else "text"
+    path = write(tmp_path / "c.jsonl", '{"_id": "d1", "text": "ok"}\n{"_id": "d2", "%s": %s, "%s": "x"}\n'
+                 % (field, value, other))
+    with pytest.raises(DataFormatError, match=rf"c.jsonl:2: '{field}' must be a string"):
+        CorpusDocs(path)
+
+
+def test_lines_end_at_newline_only(tmp_path: Path) -> None:  # #6
+    text = "1\tform\x0cfeed\tand tab\n2\tnext\u2028line\x85sep\r\n3\tcr lf\r\n"
+    assert read_topics(write(tmp_path / "t.tsv", text)) == {
+        "1": "form\x0cfeed\tand tab", "2": "next\u2028line\x85sep", "3": "cr lf"}
+    run = write(tmp_path / "r.txt", "1 Q0 d1 1 2.0 x\x0cy z\n")
+    with pytest.raises(DataFormatError, match=r"r.txt:1: expected 6 fields .* got 8"):  # \x0c is not a line end
+        read_run(run)
+
+
+def test_a_utf8_bom_is_not_part_of_the_first_id(tmp_path: Path) -> None:  # #14
+    bom = "\ufeff"
+    assert read_topics(write(tmp_path / "t.tsv", bom + "1\tq\n")) == {"1": "q"}
+    assert list(read_run(write(tmp_path / "r.txt", bom + "1 Q0 d1 1 2.0 x\n")).queries) == ["1"]
+    assert read_topics(write(tmp_path / "q.jsonl", bom + '{"_id": "7", "text": "z"}\n')) == {"7": "z"}
+    from matryoshka.plugin.docs import CorpusDocs
+
+    assert CorpusDocs(write(tmp_path / "c.jsonl", bom + '{"_id": "d1", "text": "t"}\n')).text("d1") == "t"

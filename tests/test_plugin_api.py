@@ -195,3 +195,43 @@ def test_predict_chunks_keep_whole_queries(monkeypatch: pytest.MonkeyPatch, mode
     stages = reranker.last_result.exit_stage
     for q in range(3):
         assert len(set(stages[q::3].tolist())) == 1  # the query policy still saw each query whole
+
+
+def test_rank_refuses_a_bare_string_and_bad_top_k(full: MatryoshkaReranker) -> None:  # issue 17 #12
+    with pytest.raises(InputTextError, match="documents must be a list of strings, got str"):
+        full.rank("q", "abc")
+    for bad in (-1, 0, 1.5, True):
+        with pytest.raises(InputTextError, match=f"top_k must be None .* got {bad!r}"):
+            full.rank("q", ["a", "b", "c"], top_k=bad)
+    assert len(full.rank("q", ["a", "b", "c"], top_k=2)) == 2
+
+
+def test_rank_with_first_stage_scores_prunes_on_the_fused_ranking(model_dir: Path,
+                                                                   corpus: dict[str, str]) -> None:
+    docs = list(corpus.values())[:8]
+    first = [float(8 - i) for i in range(8)]
+    topk = MatryoshkaReranker(model_dir, policy="topk", threshold=0.0, top_k=2, first_stage_weight=0.9, threads=1)
+    ranked = topk.rank("insulin", docs, first_stage_scores=first)
+    groups = np.zeros(8, np.int64)
+    fused = topk.cascade.run(["insulin"] * 8, docs, topk.policy, groups, first, 0.9, topk.fusion)
+    plain = topk.cascade.run(["insulin"] * 8, docs, topk.policy, groups)
+    assert not np.array_equal(fused.exit_stage, plain.exit_stage)  # the test can tell the two apart
+    np.testing.assert_array_equal(topk.last_result.exit_stage, fused.exit_stage)
+    assert sorted(r["corpus_id"] for r in ranked) == list(range(8))
+
+
+def test_exit_layer_needs_the_fixed_policy(model_dir: Path) -> None:  # issue 17 #16
+    with pytest.raises(OptionError, match="exit_layer=.* no exit layer with the candidate policy"):
+        MatryoshkaReranker(model_dir, policy="candidate", exit_layer=2)
+
+
+def test_made_up_documents_below_the_depth_are_refused(full: MatryoshkaReranker, corpus: dict[str, str]) -> None:
+    ids = list(corpus)
+    with pytest.raises(MissingDocumentError, match="document 'made-up' \\(query 'q1'\\)"):
+        full.rerank_run({"q1": [*ids[:3], "made-up"]}, {"q1": "x"}, corpus, depth=2)
+
+
+def test_error_messages_are_one_capped_line() -> None:  # issue 17 #16
+    err = MissingDocumentError("q1", "x" * 5_000_000 + "\nsecond line", "corpus c.jsonl")
+    text = str(err)
+    assert len(text) < 1100 and "\n" not in text and "characters cut" in text and text.endswith("was retrieved from)")

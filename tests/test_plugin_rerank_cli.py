@@ -141,6 +141,8 @@ def test_non_utf8_corpus(files: dict[str, Path], tmp_path: Path, capsys) -> None
     (["--first-stage-weight", "1.5"], r"--first-stage-weight=1.5 is invalid: expected a number in \[0, 1\]"),
     (["--first-stage-weight", "nan"], r"--first-stage-weight=nan is invalid"),
     (["--policy", "fixed", "--exit-layer", "3"], r"--exit-layer=3 is invalid: expected one of the model's exits"),
+    (["--policy", "candidate", "--exit-layer", "2"], r"--exit-layer=2 is invalid: expected no exit layer with the "
+     r"candidate policy .* add --policy fixed"),
     (["--precision", "int8"], "--precision='int8' is invalid"),
     (["--providers", "cuda"], "CUDAExecutionProvider was asked for but onnxruntime"),
 ])

@@ -100,3 +100,17 @@ def test_says_when_the_cascade_does_not_beat_the_first_stage_alone(setup, capsys
     assert "first stage alone (hybrid-dev.trec): nDCG@10 1.0000" in captured.out
     assert "does not beat the first stage alone (1.0000)" in captured.err
     assert load_manifest(Path(args[1]), verify=True).policy.tuned_on["first_stage_ndcg10"] == 1.0
+
+
+def test_the_model_is_checked_before_any_search(setup, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:  # issue 17 #16
+    args, _ = setup
+
+    def no_prepare(*_: object, **__: object) -> None:
+        raise AssertionError("a bad --model must stop tune before the collection is indexed or searched")
+
+    monkeypatch.setattr(pipeline, "prepare_beir", no_prepare)
+    bad = [*args]
+    bad[1] = str(tmp_path / "no-such-model")
+    assert tune_main(bad) == 2
+    assert "no-such-model" in capsys.readouterr().err

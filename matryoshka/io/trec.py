@@ -45,13 +45,20 @@ def _open_lines(path: PathLike, what: str) -> Iterable[tuple[int, str]]:
     p = Path(path)
     if not p.is_file():
         raise MissingInputError(p, what, "check the path")
+    data = p.read_bytes()
     try:
-        text = p.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = p.read_bytes()[: err.start].count(b"\n") + 1
+        line = data[: err.start].count(b"\n") + 1
         raise DataFormatError(p, line, f"not valid UTF-8 ({err.reason})", "re-encode the file as UTF-8") from None
-    for number, line in enumerate(text.splitlines(), start=1):
-        yield number, line
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of the first id
+    # lines end at \n (or \r\n) only, as in Pyserini and trec_eval; str.splitlines() would also break a line at
+    # \x0b, \x0c, \x1c-\x1e, \x85, U+2028 and U+2029, inventing lines the file does not have
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
+        yield number, line.removesuffix("\r")
 
 
 def _number(path: PathLike, line: int, value: str, kind: type, name: str) -> float | int:
@@ -159,14 +166,18 @@ def read_topics(path: PathLike) -> Topics:
         if is_jsonl:
             try:
                 record = json.loads(line)
-                qid, text = str(record["_id"]), record["text"]
+                qid, text = record["_id"], record["text"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise DataFormatError(path, number, f"expected a JSON object with '_id' and 'text' ({err})") from None
+            if not isinstance(text, str):
+                raise DataFormatError(path, number, f"'text' must be a string, got {json.dumps(text)[:40]}")
+            if isinstance(qid, bool) or not isinstance(qid, str | int):
+                raise DataFormatError(path, number, f"'_id' must be a string, got {json.dumps(qid)[:40]}")
         else:
             if "\t" not in line:
                 raise DataFormatError(path, number, "expected 'qid<TAB>query text'", "topics must be tab-separated")
             qid, text = line.split("\t", 1)
-        qid, text = qid.strip(), str(text).strip()
+        qid, text = str(qid).strip(), text.strip()
         if not qid:
             raise DataFormatError(path, number, "empty query id")
         if not text:
