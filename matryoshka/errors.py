@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 
-
 MAX_MESSAGE_CHARS = 1000  # a 5 MB document id must not make a 5 MB "one line"
 
 

@@ -228,7 +228,7 @@ def test_read_json_object_names_the_file_line_and_fix(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- issue 17
 @pytest.mark.parametrize("value", ["null", "false", "3", '["a", "b"]', '{"x": 1}'])
 def test_jsonl_topics_with_non_string_text_are_refused(tmp_path: Path, value: str) -> None:  # #5
-    path = write(tmp_path / "q.jsonl", '{"_id": "1", "text": "fine"}\n{"_id": "2", "text": %s}\n' % value)
+    path = write(tmp_path / "q.jsonl", '{"_id": "1", "text": "fine"}\n{"_id": "2", "text": ' + value + "}\n")
     with pytest.raises(DataFormatError, match=r"q.jsonl:2: 'text' must be a string"):
         read_topics(path)
     bad_id = write(tmp_path / "i.jsonl", '{"_id": null, "text": "x"}\n')
@@ -242,8 +242,8 @@ def test_corpus_fields_that_are_not_strings_are_refused(tmp_path: Path, field: s
     from matryoshka.plugin.docs import CorpusDocs
 
     other = "contents" if field != "contents" else "text"
-    path = write(tmp_path / "c.jsonl", '{"_id": "d1", "text": "ok"}\n{"_id": "d2", "%s": %s, "%s": "x"}\n'
-                 % (field, value, other))
+    path = write(tmp_path / "c.jsonl", '{"_id": "d1", "text": "ok"}\n'
+                 f'{{"_id": "d2", "{field}": {value}, "{other}": "x"}}\n')
     with pytest.raises(DataFormatError, match=rf"c.jsonl:2: '{field}' must be a string"):
         CorpusDocs(path)
 
