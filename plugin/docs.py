@@ -118,6 +118,9 @@ class LuceneIndexDocs:
         if not self.index.is_dir():
             raise MissingInputError(self.index, "Lucene index folder", "pass a local index built with -storeRaw "
                                     "(prebuilt index names are not downloaded here)")
+        if not any(self.index.glob("segments_*")):  # what Lucene's DirectoryReader looks for first
+            raise MissingInputError(self.index, "Lucene index (no segments_N file)", "pass a folder written by "
+                                    "pyserini.index.lucene with -storeRaw, or --corpus FILE")
         from pyserini.search.lucene import LuceneSearcher  # lazy: starts the JVM
 
         self.searcher = LuceneSearcher(str(self.index))

@@ -67,6 +67,10 @@ logger = logging.getLogger(__name__)
 
 def _check_file(folder: Path, manifest_path: Path, rel: str, expected: str, what: str) -> None:
     path = folder / rel
+    real_root = folder.resolve()
+    if path.exists() and not path.resolve().is_relative_to(real_root):  # a symlink out of the folder
+        raise ModelIntegrityError(path, f"{what} listed in {manifest_path.name} resolves to {path.resolve()}, outside "
+                                  f"the model folder {real_root} (copy the file into the folder instead of linking)")
     if not path.is_file():
         raise MissingInputError(path, f"{what} listed in {manifest_path}",
                                 f"the model folder is incomplete; {REEXPORT}")

@@ -7,15 +7,18 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from matryoshka.errors import DataFormatError, MissingInputError, OptionError
+from matryoshka.io.atomic import NotRegularFileError, check_regular_target
 from matryoshka.io.trec import read_run, read_topics, write_run
 from matryoshka.plugin.api import MatryoshkaReranker, MissingDocumentError
 from matryoshka.plugin.docs import CorpusDocs, DocumentSource, LuceneIndexDocs
 from matryoshka.plugin.fusion import NORMALIZATIONS, check_first_stage_weight
 from matryoshka.plugin.manifest import POLICY_NAMES
 from matryoshka.plugin.policies import DEFAULT_TOP_K, POLICY_DEFAULT_THRESHOLD, check_depth, check_threshold
+from matryoshka.plugin.session import check_threads
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,8 @@ def build_reranker(ns: argparse.Namespace, prefix: str = "") -> MatryoshkaRerank
     if ns.first_stage_weight is not None:
         check_first_stage_weight(ns.first_stage_weight, option=f"--{prefix}first-stage-weight")
     check_depth(ns.depth, option=f"--{prefix}depth")
-    for name, minimum in (("batch_size", 1), ("threads", 0), ("top_k", 1)):
+    check_threads(ns.threads, option=f"--{prefix}threads")
+    for name, minimum in (("batch_size", 1), ("top_k", 1)):
         value = getattr(ns, name)
         if value is not None and value < minimum:
             raise OptionError(f"--{prefix}{name.replace('_', '-')}", value, f"an integer >= {minimum}")
@@ -100,9 +104,39 @@ def check_source_path(index: str | None, corpus: str | None, index_flag: str, co
     if index and not Path(index).is_dir():
         raise MissingInputError(index, "Lucene index folder", f"{index_flag} must be a local index built with "
                                 "-storeRaw (index names are not downloaded)")
+    if index and not any(Path(index).glob("segments_*")):
+        raise MissingInputError(index, "Lucene index (no segments_N file)", f"{index_flag} must be a folder written "
+                                "by pyserini.index.lucene with -storeRaw")
     if corpus and not Path(corpus).exists():
         raise MissingInputError(corpus, "corpus file", f"{corpus_flag} must be a BEIR corpus.jsonl or a Pyserini "
                                 "JsonCollection .jsonl")
+
+
+def check_outputs(outputs: Sequence[tuple[str, str | os.PathLike[str] | None]],
+                  inputs: Sequence[tuple[str, str | os.PathLike[str] | None]]) -> None:
+    """Before any search or rerank: every output (flag, path) is a regular file or new, in a folder that is (or can
+    be made) writable, and resolves to no input and to no other output. One :class:`OptionError` names the flag."""
+    seen: dict[str, str] = {os.path.realpath(path): flag for flag, path in inputs if path}
+    for flag, path in outputs:
+        if not path:
+            continue
+        target = Path(path)
+        try:
+            check_regular_target(target)
+        except NotRegularFileError as err:
+            raise OptionError(flag, str(path), f"a regular file or a new path ({err})") from None
+        ancestor = target.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise OptionError(flag, str(path), f"a path in a folder, but {ancestor} is a file")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise OptionError(flag, str(path), f"a path in a writable folder ({ancestor} is not writable)")
+        real = os.path.realpath(target)
+        if real in seen:
+            raise OptionError(flag, str(path), f"a path of its own: it is also {seen[real]} (it would be "
+                              "overwritten)")
+        seen[real] = flag
 
 
 def _line_of(run_path: str | os.PathLike[str], qid: str, docid: str | None = None) -> int | None:

@@ -152,7 +152,13 @@ def run(package: str, fullname: str, run_globals: dict[str, Any]) -> None:
 
 def rerank_search(package: str, fullname: str, run_globals: dict[str, Any]) -> None:
     from matryoshka._bootstrap import run_original_main
-    from matryoshka.plugin.options import build_reranker, check_source_path, document_source, rerank_file
+    from matryoshka.plugin.options import (
+        build_reranker,
+        check_outputs,
+        check_source_path,
+        document_source,
+        rerank_file,
+    )
 
     ours, theirs = split_argv(sys.argv[1:])
     ns = _parser().parse_args(ours)
@@ -184,6 +190,8 @@ def rerank_search(package: str, fullname: str, run_globals: dict[str, Any]) -> N
             raise OptionError(f"--{PREFIX}index/--{PREFIX}corpus", None, "a Lucene index with raw documents or a "
                               "corpus file: a faiss index holds no passage text")
     check_source_path(index, ns.corpus, index_flag, f"--{PREFIX}corpus")
+    check_outputs([("--output", output[1]), (f"--{PREFIX}stats", ns.stats)],
+                  [("--topics", topics[1]), (f"--{PREFIX}corpus", ns.corpus)])
     reranker = build_reranker(ns, PREFIX)
     final = Path(output[1])
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,14 @@ import sys
 from collections.abc import Sequence
 
 from matryoshka.errors import MatryoshkaError
-from matryoshka.plugin.options import add_model_options, build_reranker, check_source_path, document_source, rerank_file
+from matryoshka.plugin.options import (
+    add_model_options,
+    build_reranker,
+    check_outputs,
+    check_source_path,
+    document_source,
+    rerank_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         check_source_path(args.index, args.corpus, "--index", "--corpus")
+        check_outputs([("--output", args.output), ("--stats", args.stats)],
+                      [("--run", args.run), ("--topics", args.topics), ("--corpus", args.corpus)])
         reranker = build_reranker(args)
         source = document_source(args.index, args.corpus, "--index", "--corpus")
         rerank_file(reranker, args.run, args.topics, source, args.output, args.tag, args.depth, args.stats)

@@ -69,11 +69,23 @@ def resolve_providers(providers: str | Sequence[str] | None) -> list[str]:
     return resolved
 
 
-def check_threads(threads: int | None) -> int | None:
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, else ``os.cpu_count()``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: int | None, option: str = "threads") -> int | None:
+    """``threads`` as given (None or 0 = onnxruntime's default), refused above the CPUs this process may use:
+    thousands of spinning intra-op threads stall the machine."""
     if threads is None:
         return None
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-        raise OptionError("threads", threads, "an integer >= 0 (0 = onnxruntime's default)")
+    cpus = available_cpus()
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= cpus:
+        raise OptionError(option, threads, f"an integer from 0 (onnxruntime's default) to {cpus} (the CPUs "
+                          "available here)")
     return threads
 
 
@@ -93,7 +105,13 @@ class StageSession:
             raise StageLoadError(f"{self.path}: the graph needs inputs {missing} that the cascade does not provide "
                                  f"(it provides {sorted(feeds)}); re-export the model")
         arrays = {name: np.ascontiguousarray(feeds[name], dtype=dtype) for name, dtype in self.inputs.items()}
-        values = self.session.run(self.outputs, arrays)
+        try:
+            values = self.session.run(self.outputs, arrays)
+        except ORT_ERRORS as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            shapes = ", ".join(f"{name} {tuple(a.shape)}" for name, a in arrays.items())
+            raise StageLoadError(f"{self.path}: onnxruntime failed on inputs {shapes} ({first}); check the "
+                                 "manifest's layout (max_length within the model's positions) or re-export") from None
         return dict(zip(self.outputs, values, strict=True))
 
 

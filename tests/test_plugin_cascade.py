@@ -194,3 +194,36 @@ def test_options(model_dir: Path) -> None:
 def test_cuda_asked_for_but_not_available() -> None:
     with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider was asked for but onnxruntime"):
         resolve_providers("cuda")
+
+
+def test_a_stage_that_fails_at_run_time_is_one_clear_error(model_dir: Path, pairs) -> None:  # issue 17 #10
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    broken = Cascade(model_dir, threads=1)
+
+    class Failing:
+        def run(self, *_: object) -> None:
+            raise ort_state.InvalidArgument("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : indices element out of data "
+                                            "bounds, idx=1023 must be within the inclusive range [-512,511]\nmore")
+
+    broken.stages[0].session = Failing()
+    queries, passages, groups = pairs
+    with pytest.raises(MatryoshkaError, match=r"stage_1\.onnx: onnxruntime failed on inputs .*indices element out "
+                                              r"of data bounds.*max_length within the model's positions"):
+        broken.run(queries, passages, make_policy("fixed", None, broken.exits, 0.9), groups)
+
+
+def test_a_stage_file_that_links_outside_the_folder_is_refused(tmp_path: Path, model_dir: Path) -> None:  # #13
+    folder, outside = tmp_path / "model", tmp_path / "elsewhere.onnx"
+    shutil.copytree(model_dir, folder)
+    stage = folder / "fp32" / "stage_2.onnx"
+    shutil.move(stage, outside)
+    stage.symlink_to(outside)  # the same bytes, so the sha256 matches: only the real path tells
+    with pytest.raises(ModelIntegrityError, match=r"stage_2\.onnx: stage 1 fp32 file listed in manifest.json resolves"
+                                                  r" to .*elsewhere.onnx, outside the model folder"):
+        Cascade(folder)
+    stage.unlink()
+    (folder / "fp32").rename(tmp_path / "fp32-outside")
+    (folder / "fp32").symlink_to(tmp_path / "fp32-outside")  # a linked sub-folder escapes the same way
+    with pytest.raises(ModelIntegrityError, match="outside the model folder"):
+        Cascade(folder)

@@ -176,3 +176,66 @@ def test_missing_and_tampered_model(files: dict[str, Path], tmp_path: Path, caps
     (model / "manifest.json").unlink()
     err = error_of(args(files, out)[:8] + ["--model", str(model)], capsys, out)
     assert "manifest.json: model manifest not found" in err
+
+
+# ------------------------------------------------------------------------------ outputs (issue 17 #1 #2 #3 #8 #11)
+def snapshot(files: dict[str, Path]) -> dict[str, bytes]:
+    return {name: files[name].read_bytes() for name in ("run", "topics", "corpus")}
+
+
+@pytest.mark.parametrize("case", ["symlink", "fifo", "directory", "under-a-file", "stats-is-output",
+                                  "output-is-topics", "output-is-run", "stats-directory"])
+def test_bad_outputs_are_refused_before_any_work(files: dict[str, Path], tmp_path: Path, capsys,
+                                                 case: str) -> None:
+    import os
+
+    before = snapshot(files)
+    out, stats = tmp_path / "out.txt", None
+    target = tmp_path / "target.txt"
+    target.write_text("keep me\n")
+    if case == "symlink":
+        out.symlink_to(target)
+    elif case == "fifo":
+        os.mkfifo(out)
+    elif case == "directory":
+        out.mkdir()
+    elif case == "under-a-file":
+        out = target / "out.txt"
+    elif case == "stats-is-output":
+        stats = out
+    elif case == "output-is-topics":
+        out = files["topics"]
+    elif case == "output-is-run":
+        out = tmp_path / "link-to-run.txt"
+        out.symlink_to(files["run"])
+    elif case == "stats-directory":
+        stats = tmp_path / "stats"
+        stats.mkdir()
+    argv = args(files, out, *(["--stats", str(stats)] if stats else []))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --") and " is invalid: expected " in err[0], err
+    assert snapshot(files) == before and target.read_text() == "keep me\n"
+    if case == "symlink":
+        assert out.is_symlink()
+    if case == "fifo":
+        import stat
+
+        assert stat.S_ISFIFO(out.lstat().st_mode)
+    if case in ("stats-is-output", "stats-directory"):
+        assert not out.exists()  # the run is not written when the stats cannot be
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_threads_above_the_cpus_are_refused(files: dict[str, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out.txt"
+    err = error_of([*args(files, out), "--threads", "10000"], capsys, out)
+    assert "--threads=10000 is invalid: expected an integer from 0" in err and "CPUs available here" in err
+
+
+def test_an_index_folder_that_is_not_a_lucene_index(files: dict[str, Path], tmp_path: Path, capsys) -> None:
+    out, fake = tmp_path / "out.txt", tmp_path / "not-an-index"
+    fake.mkdir()
+    argv = [a if a != str(files["corpus"]) else str(fake) for a in args(files, out)]
+    err = error_of([a if a != "--corpus" else "--index" for a in argv], capsys, out)
+    assert f"{fake}: Lucene index (no segments_N file) not found" in err

@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+from matryoshka.errors import MatryoshkaError
 
 
 def _default_mode() -> int:
@@ -18,10 +21,32 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+class NotRegularFileError(MatryoshkaError, IsADirectoryError):
+    """An output path that exists and is not a regular file."""
+
+
+def check_regular_target(target: Path) -> None:
+    """Raise :class:`NotRegularFileError` when ``target`` exists (or dangles) and is not a regular file."""
+    if not (target.is_symlink() or target.exists()):
+        return
+    mode = target.lstat().st_mode
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a symlink" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else
+            "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "not a regular file")
+    raise NotRegularFileError(f"{target}: output exists and is {kind}; it is never replaced (write to a new "
+                              "regular file path)")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """Write to a temporary file next to ``path`` and move it in place on success (removed on any error)."""
+    """Write to a temporary file next to ``path`` and move it in place on success (removed on any error).
+
+    ``path`` must be a regular file or not exist: a symlink, a folder, a device or a FIFO there raises
+    :class:`NotRegularFileError` before anything is written (``os.replace`` would replace the node itself)."""
     target = Path(path)
+    check_regular_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
