@@ -203,3 +203,53 @@ def test_hybrid_with_reranker(tmp_path: Path, faiss_index, model: Path, scifact_
     assert run.tag == "hybrid-matryoshka" and len(run) == 30
     assert all(1 <= len(entries) <= 10 for entries in run.queries.values())
     assert leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------- signals (issue 17 #4)
+@pytest.mark.parametrize(("signum", "code", "word"), [(2, 130, "interrupted (SIGINT)"), (15, 143, "terminated")])
+def test_a_signal_during_the_search_exits_promptly_and_leaves_nothing(tmp_path: Path, lucene_args, model: Path,
+                                                                      signum: int, code: int, word: str) -> None:
+    import time
+
+    out = tmp_path / "run.txt"
+    stale = tmp_path / f".{out.name}.999999999.abc.first-stage.tmp"  # what a kill -9 leaves: swept by the next run
+    stale.write_text("")
+    proc = subprocess.Popen([sys.executable, "-m", "pyserini.search.lucene", *map(str, lucene_args), "--output",
+                             str(out), "--reranker", "matryoshka", "--matryoshka.model", str(model)],
+                            cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(f".{out.name}.{proc.pid}.*.first-stage.tmp")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.02)
+    assert not stale.exists()
+    time.sleep(0.3)  # inside Pyserini's search (the JVM is running)
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 30
+    if proc.returncode == 0:  # the search and rerank of 50 queries finished before the signal: nothing to test
+        pytest.skip("the run ended before the signal")
+    assert proc.returncode == code, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(f"error: {word}")
+    assert not out.exists() and leftovers(tmp_path) == [] and not list(tmp_path.glob("hs_err_pid*"))
+
+
+# ---------------------------------------------------------------------------------------------- topics (issue 17 #15)
+def test_topics_are_read_as_written_whatever_their_path_format_or_ids(tmp_path: Path, scifact_mini_index: Path,
+                                                                     scifact_mini_topics: Path, model: Path) -> None:
+    rows = [line.split("\t", 1) for line in scifact_mini_topics.read_text().splitlines()[:3]]
+    folder = tmp_path / "cacm-beir"  # both substrings Pyserini picks a topic reader by
+    folder.mkdir()
+    jsonl = folder / "queries.jsonl"
+    jsonl.write_text("".join(json.dumps({"_id": f"00{k}", "text": text}) + "\n" for k, (_, text) in enumerate(rows)))
+    out = tmp_path / "run.txt"
+    proc = cli("pyserini.search.lucene", "--index", scifact_mini_index, "--topics", jsonl, "--bm25", "--hits", 10,
+               "--output", out, "--reranker", "matryoshka", "--matryoshka.model", model, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list(read_run(out).queries) == ["000", "001", "002"]  # not 0, 1, 2: Pyserini's integer reader undone
+    clash = folder / "clash.tsv"
+    clash.write_text(f"1\t{rows[0][1]}\n001\t{rows[1][1]}\n")
+    proc = cli("pyserini.search.lucene", "--index", scifact_mini_index, "--topics", clash, "--bm25", "--output",
+               tmp_path / "clash.txt", "--reranker", "matryoshka", "--matryoshka.model", model, check=False)
+    assert proc.returncode == 2 and "'1' and '001' are the same integer 1" in proc.stderr.strip().splitlines()[-1]
+    assert "Running" not in proc.stdout and not (tmp_path / "clash.txt").exists()

@@ -142,6 +142,10 @@ def _patch_jnius_config(module: ModuleType) -> None:
     add_options.__matryoshka_wrapped__ = True  # type: ignore[attr-defined]
     add_options.__doc__ = original.__doc__
     module.add_options = add_options
+    if _wants_reranker(sys.argv[1:]) and not getattr(module, "vm_running", False):
+        # -Xrs: the JVM installs no SIGINT/SIGTERM/SIGHUP handlers, so Python's run (and the reranker's clean-up:
+        # no temporary first-stage file left, exit 130/143) instead of the JVM's exit hooks
+        original("-Xrs")
 
 
 # -------------------------------------------------------------------------------------------- loader wrapping

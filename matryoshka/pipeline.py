@@ -20,6 +20,8 @@ from pathlib import Path
 from matryoshka.errors import MatryoshkaError
 from matryoshka.io import atomic_directory, load_beir, write_jsonl_collection, write_topics, write_trec_qrels
 from matryoshka.io.beir import BeirDataset
+from matryoshka.io.pyserini_topics import pyserini_topics, restore_qids
+from matryoshka.io.trec import read_topics
 
 logger = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
@@ -55,14 +57,17 @@ def build_lucene_index(collection_dir: PathLike, index_dir: PathLike, threads: i
 
 def bm25_search(index_dir: PathLike, topics: PathLike, output: PathLike, hits: int = 100, threads: int = 2,
                 extra: Sequence[str] = ()) -> Path:
-    """``python -m pyserini.search.lucene --bm25``; the run appears at ``output`` only when the search succeeded."""
+    """``python -m pyserini.search.lucene --bm25``; the run appears at ``output`` only when the search succeeded.
+    Pyserini reads a neutral TSV copy of ``topics`` and the run keeps their ids as written (``001`` stays ``001``)."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.partial")
     try:
-        run_pyserini("pyserini.search.lucene", [
-            "--index", index_dir, "--topics", topics, "--output", tmp, "--bm25", "--hits", hits,
-            "--threads", threads, "--batch-size", 64, *extra])
+        with pyserini_topics(read_topics(topics), topics) as (neutral, back):
+            run_pyserini("pyserini.search.lucene", [
+                "--index", index_dir, "--topics", neutral, "--output", tmp, "--bm25", "--hits", hits,
+                "--threads", threads, "--batch-size", 64, *extra])
+        restore_qids(tmp, back)
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -143,15 +145,54 @@ def run(package: str, fullname: str, run_globals: dict[str, Any]) -> None:
     if "-h" in argv or "--help" in argv:
         print_help(fullname, run_globals)
         return
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         rerank_search(package, fullname, run_globals)
     except MatryoshkaError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted (SIGINT); no reranked run written", file=sys.stderr)
+        sys.exit(130)
+    except Terminated:
+        print("error: terminated (SIGTERM); no reranked run written", file=sys.stderr)
+        sys.exit(143)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
+    """SIGTERM, raised in the main thread so that clean-up (``finally``) runs."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise Terminated
+
+
+def sweep_stale_temporaries(final: Path) -> None:
+    """Remove first-stage temporaries of ``final`` left by runs that were killed (kill -9): their pid is gone."""
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.first-stage.tmp"):
+        pid = stale.name[len(final.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+                logger.info("removed %s, left by a killed run", stale)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def rerank_search(package: str, fullname: str, run_globals: dict[str, Any]) -> None:
     from matryoshka._bootstrap import run_original_main
+    from matryoshka.io.pyserini_topics import pyserini_topics, restore_qids
+    from matryoshka.io.trec import read_topics
     from matryoshka.plugin.options import (
         build_reranker,
         check_outputs,
@@ -175,8 +216,10 @@ def rerank_search(package: str, fullname: str, run_globals: dict[str, Any]) -> N
         raise OptionError("--output-format", fmt[1], "trec (the reranker reads and writes TREC runs)")
     topics = find_option(theirs, "--topics", run_segment, fullname)
     if topics is None or not topics[1] or not Path(topics[1]).is_file():
-        raise OptionError("--topics", topics[1] if topics else None, "a local topics file (TSV 'qid<TAB>text'): "
+        raise OptionError("--topics", topics[1] if topics else None, "a local topics file (TSV 'qid<TAB>text' or a "
+                          "BEIR queries.jsonl): "
                           "the reranker needs the query texts, and topic names are not downloaded")
+    queries = read_topics(topics[1])  # checked before the search; Pyserini reads a neutral TSV copy of them
     index, index_flag = ns.index, f"--{PREFIX}index"
     if not index and not ns.corpus:
         if package == "pyserini.search.lucene":
@@ -195,15 +238,20 @@ def rerank_search(package: str, fullname: str, run_globals: dict[str, Any]) -> N
     reranker = build_reranker(ns, PREFIX)
     final = Path(output[1])
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".first-stage.tmp", dir=final.parent)
+    sweep_stale_temporaries(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".first-stage.tmp", dir=final.parent)
     os.close(fd)
     try:
         pos = output[0]
         theirs[pos] = tmp if theirs[pos] == output[1] else f"--output={tmp}"
-        sys.argv = [sys.argv[0], *theirs]
-        logger.info("first stage: %s %s", package, " ".join(theirs))
-        run_original_main(fullname, run_globals)
-        sys.stdout.flush()
+        with pyserini_topics(queries, topics[1]) as (neutral, back):
+            pos = topics[0]
+            theirs[pos] = str(neutral) if theirs[pos] == topics[1] else f"--topics={neutral}"
+            sys.argv = [sys.argv[0], *theirs]
+            logger.info("first stage: %s %s", package, " ".join(theirs))
+            run_original_main(fullname, run_globals)
+            sys.stdout.flush()
+        restore_qids(tmp, back)
         source = document_source(index, ns.corpus, index_flag, f"--{PREFIX}corpus")
         tag = f"{_first_tag(tmp)}-matryoshka"
         rerank_file(reranker, tmp, topics[1], source, final, tag, ns.depth, ns.stats,

@@ -265,3 +265,19 @@ def test_a_utf8_bom_is_not_part_of_the_first_id(tmp_path: Path) -> None:  # #14
     from matryoshka.plugin.docs import CorpusDocs
 
     assert CorpusDocs(write(tmp_path / "c.jsonl", bom + '{"_id": "d1", "text": "t"}\n')).text("d1") == "t"
+
+
+def test_pyserini_topics_copy_and_qid_map(tmp_path: Path) -> None:  # issue 17 #15
+    from matryoshka.io.pyserini_topics import READER_TRAPS, pyserini_qids, pyserini_topics, restore_qids
+
+    assert pyserini_qids(["001", "2"]) == {"1": "001", "2": "2"}  # all integers: TsvIntTopicReader
+    assert pyserini_qids(["001", "a"]) == {"001": "001", "a": "a"}  # otherwise strings, as written
+    with pytest.raises(ValueError, match="'1' and '01' are the same integer 1"):
+        pyserini_qids(["1", "01"])
+    with pyserini_topics({"001": "x y", "7": "z"}, "src.jsonl") as (path, back):
+        assert not any(trap in str(path) for trap in READER_TRAPS) and path.suffix == ".tsv"
+        assert read_topics(path) == {"001": "x y", "7": "z"} and back == {"1": "001", "7": "7"}
+    assert not path.exists()
+    run = write(tmp_path / "run.txt", "1 Q0 d1 1 2.0 t\n7 Q0 d2 1 1.0 t\n")
+    restore_qids(run, back)
+    assert run.read_text() == "001 Q0 d1 1 2.0 t\n7 Q0 d2 1 1.0 t\n"
