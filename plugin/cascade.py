@@ -67,6 +67,10 @@ class _Batch:
     feeds: dict[str, np.ndarray]
 
 
+#: precisions whose stages quantize activations with one scale per call (onnxruntime dynamic quantization)
+PER_CALL_SCALED = frozenset({"int8"})
+
+
 def check_batch_size(batch_size: int) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise OptionError("batch_size", batch_size, "an integer >= 1")
@@ -88,6 +92,12 @@ class Cascade:
             raise OptionError("precision", self.precision, f"one of this model's precisions "
                               f"{', '.join(unverified.precisions)}")
         self.manifest: Manifest = load_manifest(self.folder, verify=verify, precisions=[self.precision])
+        if self.precision in PER_CALL_SCALED and self.batch_size > 1:
+            # dynamic quantization scales the activations of a whole call: a pair's score would depend on the
+            # other pairs of its batch (and on their padding), so each pair is its own call
+            logger.info("%s stages run one pair per call (batch size %d -> 1): a score must not depend on its "
+                        "batch", self.precision, self.batch_size)
+            self.batch_size = 1
         self.layout: PairLayout = self.manifest.pair_layout()
         tokenizer_path = self.folder / self.manifest.tokenizer.file
         try:

@@ -52,7 +52,8 @@ def add_model_options(group: argparse._ActionGroup | argparse.ArgumentParser, pr
         help="exit layer of the fixed policy (one of the model's exits; default: the last = full depth)")
     opt("precision", metavar="NAME", default=None,
         help="which stage files to run (e.g. fp32, int8; default: the manifest's default_precision)")
-    opt("batch-size", type=int, metavar="N", default=32, help="pairs per batch (default: %(default)s)")
+    opt("batch-size", type=int, metavar="N", default=32,
+        help="pairs per batch (default: %(default)s; int8 stages always run one pair per call)")
     opt("threads", type=int, metavar="N", default=None,
         help="onnxruntime intra-op threads (default: onnxruntime's choice)")
     opt("providers", metavar="LIST", default="cpu",

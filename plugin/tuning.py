@@ -217,8 +217,8 @@ def record_run(cascade: Cascade, run: Mapping[str, Sequence[Any] | Mapping[str, 
     first-stage scores) or, keeping the first-stage scores for fusion, ``{qid: {docid: score}}``, ``{qid:
     [RunEntry, ...]}`` or ``{qid: [(docid, score), ...]}`` (ranked by (-score, docid), as the reranker does).
 
-    One cascade call per query, as the reranker runs in Pyserini, so the batches are the same: with dynamically
-    quantized (int8) stages a score depends slightly on the other rows of its batch.
+    One cascade call per query, as the reranker runs in Pyserini (int8 stages score one pair per call, so no score
+    depends on its batch).
     """
     from tqdm import tqdm
 
