@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.hits < 1:
             raise OptionError("--hits", args.hits, "a positive number of hits per query")
+        from matryoshka.plugin.session import check_threads  # the one bound on threads: the CPUs available here
+
+        check_threads(args.threads, "--threads", minimum=1)
         prepared = prepare_beir(args.data, args.split, args.work, threads=args.threads)
         output = args.output or args.work / f"bm25-{args.data.name}-{args.split}.txt"
         bm25_search(prepared.index_dir, prepared.topics, output, hits=args.hits, threads=args.threads)

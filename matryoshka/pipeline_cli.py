@@ -116,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.hits < 1:
             raise OptionError("--hits", args.hits, "a positive number of hits per query")
+        from matryoshka.plugin.session import check_threads  # the one bound on threads: the CPUs available here
+
+        check_threads(args.threads, "--threads", minimum=1)
         from matryoshka.plugin.api import resolve_model_dir
 
         model = resolve_model_dir(args.model)

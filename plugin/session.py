@@ -77,15 +77,15 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def check_threads(threads: int | None, option: str = "threads") -> int | None:
-    """``threads`` as given (None or 0 = onnxruntime's default), refused above the CPUs this process may use:
-    thousands of spinning intra-op threads stall the machine."""
+def check_threads(threads: int | None, option: str = "threads", minimum: int = 0) -> int | None:
+    """``threads`` as given (None, or 0 with ``minimum`` 0 = onnxruntime's default), refused below ``minimum`` and
+    above the CPUs this process may use: thousands of spinning threads stall the machine."""
     if threads is None:
         return None
     cpus = available_cpus()
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= cpus:
-        raise OptionError(option, threads, f"an integer from 0 (onnxruntime's default) to {cpus} (the CPUs "
-                          "available here)")
+    if isinstance(threads, bool) or not isinstance(threads, int) or not minimum <= threads <= cpus:
+        low = "0 (onnxruntime's default)" if minimum == 0 else str(minimum)
+        raise OptionError(option, threads, f"an integer from {low} to {cpus} (the CPUs available here)")
     return threads
 
 

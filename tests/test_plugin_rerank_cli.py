@@ -239,3 +239,13 @@ def test_an_index_folder_that_is_not_a_lucene_index(files: dict[str, Path], tmp_
     argv = [a if a != str(files["corpus"]) else str(fake) for a in args(files, out)]
     err = error_of([a if a != "--corpus" else "--index" for a in argv], capsys, out)
     assert f"{fake}: Lucene index (no segments_N file) not found" in err
+
+
+def test_pyserini_thread_flags_are_bounded_too(tmp_path: Path, capsys) -> None:  # issue 17 #3
+    from matryoshka.bm25_cli import main as bm25_main
+    from matryoshka.pipeline_cli import main as pipeline_main
+
+    for cli_main in (bm25_main, pipeline_main):
+        assert cli_main(["--data", str(DATA), "--work", str(tmp_path / "work"), "--threads", "10000"]) == 2
+        assert "--threads=10000 is invalid: expected an integer from 1 to" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
