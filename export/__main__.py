@@ -41,6 +41,7 @@ class ExportArgs:
     exits: list[int] | None = None
     only: list[str] | None = None
     name: str | None = None
+    base_model_id: str | None = None
     quiet: bool = False
     verbose: bool = False
 
@@ -68,6 +69,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ExportArgs:
                         help="precisions the folder keeps (default: all produced), e.g. '--int8 --only int8' for a "
                         "small CPU model; fp32 is still exported and validated first")
     parser.add_argument("--name", default=None, help="model name in the manifest (default: the checkpoint's name)")
+    parser.add_argument("--base-model-id", default=None, metavar="ID",
+                        help="the base model as the manifest records it, e.g. its Hugging Face id (default: the "
+                        "checkpoint's base_model, often a local path)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     parser.add_argument("--verbose", action="store_true", help="log every step")
     return ExportArgs(**vars(parser.parse_args(argv)))
@@ -90,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     options = ExportOptions(int8=args.int8, int8_mode=args.int8_mode, fp16=args.fp16, optimize=args.optimize,
                             opset=args.opset, full_graph=args.full_graph, overwrite=args.overwrite, name=args.name,
+                            base_model_id=args.base_model_id,
                             exits=tuple(args.exits) if args.exits else None,
                             only=tuple(args.only) if args.only else None)
     try:

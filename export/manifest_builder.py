@@ -68,7 +68,8 @@ def _files(folder: Path, spec: GraphSpec, reports: Mapping[str, Sequence[FileRep
 
 
 def build_manifest(folder: Path, model: LayerwiseReranker, checkpoint: Path, stages: Sequence[GraphSpec],
-                   full: GraphSpec | None, reports: Mapping[str, Sequence[FileReport]], name: str | None) -> Manifest:
+                   full: GraphSpec | None, reports: Mapping[str, Sequence[FileReport]], name: str | None,
+                   base_model_id: str | None = None) -> Manifest:
     """Describe every file in ``folder`` (hashes, validated tolerances) and write ``folder/manifest.json``."""
     config = model.config
     layout = config.pair_layout()
@@ -87,7 +88,7 @@ def build_manifest(folder: Path, model: LayerwiseReranker, checkpoint: Path, sta
     default = next((p for p in DEFAULT_PRECISION_ORDER if p in reports), next(iter(reports)))
     manifest = Manifest(
         producer=producer(),
-        model=ModelInfo(name or checkpoint.name, config.family, config.base_model, config.num_layers,
+        model=ModelInfo(name or checkpoint.name, config.family, base_model_id or config.base_model, config.num_layers,
                         config.hidden_size),
         tokenizer=TokenizerSpec(TOKENIZER_FILE, sha256_file(folder / TOKENIZER_FILE)),
         layout=layout.to_dict(),

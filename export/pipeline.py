@@ -42,6 +42,7 @@ class ExportOptions:
     full_graph: bool = True
     overwrite: bool = False
     name: str | None = None  # model name in the manifest (default: the checkpoint folder's name)
+    base_model_id: str | None = None  # base model in the manifest (default: the checkpoint config's base_model)
     seed: int = 0
     #: int8 weight scales: "per-channel", "per-tensor", or "auto" (validate both, keep the smaller score error)
     int8_mode: str = "auto"
@@ -188,7 +189,8 @@ def export_checkpoint(checkpoint: str | Path, outdir: str | Path, options: Expor
             for precision in [p for p in precisions if p not in shipped]:
                 _drop(precision, stages, full, tmp)
                 del reports[precision]
-            manifest = build_manifest(tmp, model, checkpoint, stages, full, reports, options.name)
+            manifest = build_manifest(tmp, model, checkpoint, stages, full, reports, options.name,
+                                      options.base_model_id)
             load_manifest(tmp, verify=True)
             _share(tmp)
             step("manifest written")

@@ -49,7 +49,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
         out[name] = (folder, next(root.glob("checkpoint_*")))
     root = tmp_path_factory.mktemp("decoder_cli")
     checkpoint = tiny_checkpoint(root, "decoder", None)
-    assert export_main([str(checkpoint), str(root / "model"), "--quiet", "--opset", "18", "--no-full-graph"]) == 0
+    assert export_main([str(checkpoint), str(root / "model"), "--quiet", "--opset", "18", "--no-full-graph",
+                        "--base-model-id", "org/tiny-llama"]) == 0
     out["decoder"] = (root / "model", checkpoint)
     return out
 
@@ -187,6 +188,12 @@ def test_manifest_records_calibration_and_producer(exported: dict) -> None:
     assert manifest.producer.onnxruntime == ort.__version__
     assert manifest.layout == model.config.layout
     assert (folder / manifest.tokenizer.file).read_bytes() == (checkpoint / "tokenizer.json").read_bytes()
+
+
+def test_the_base_model_is_recorded_as_given(exported: dict) -> None:  # issue 16: not a scratch folder name
+    assert load_manifest(exported["decoder"][0]).model.base_model == "org/tiny-llama"
+    folder, checkpoint = exported["decoder_compressed"]
+    assert load_manifest(folder).model.base_model == LayerwiseReranker.load(checkpoint).config.base_model
 
 
 def test_sample_batches_differ_from_the_export_sample_in_batch_and_sequence() -> None:
