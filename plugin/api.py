@@ -38,7 +38,14 @@ from matryoshka.io.trec import Run, RunEntry, sort_hits
 from matryoshka.plugin.cascade import Cascade, CascadeResult
 from matryoshka.plugin.fusion import FirstStageScoreError, check_first_stage_weight, check_fusion, fuse
 from matryoshka.plugin.manifest import MANIFEST_NAME
-from matryoshka.plugin.policies import DEFAULT_TOP_K, POLICY_DEFAULT_THRESHOLD, check_depth, make_policy
+from matryoshka.plugin.policies import (
+    DEFAULT_TOP_K,
+    POLICY_DEFAULT_THRESHOLD,
+    CandidatePolicy,
+    FixedPolicy,
+    check_depth,
+    make_policy,
+)
 from matryoshka.plugin.stats import RunStats
 
 logger = logging.getLogger(__name__)
@@ -174,12 +181,41 @@ class MatryoshkaReranker:
     def reset_stats(self) -> None:
         self.stats = self._new_stats()
 
+    def _chunks(self, groups: np.ndarray) -> list[np.ndarray]:
+        """Row chunks of about ``MAX_CANDIDATES_PER_CALL`` (so a call holds a bounded number of hidden states):
+        whole groups for the ``query`` and ``topk`` policies (they compare a query's candidates), any rows else."""
+        if len(groups) <= MAX_CANDIDATES_PER_CALL:
+            return [np.arange(len(groups))]
+        if isinstance(self.policy, CandidatePolicy | FixedPolicy):
+            return [np.arange(i, min(i + MAX_CANDIDATES_PER_CALL, len(groups)))
+                    for i in range(0, len(groups), MAX_CANDIDATES_PER_CALL)]
+        order = np.argsort(groups, kind="stable")
+        chunks, start = [], 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and (end - start < MAX_CANDIDATES_PER_CALL or
+                                        groups[order[end]] == groups[order[end - 1]]):
+                end += 1
+            chunks.append(order[start:end])
+            start = end
+        return chunks
+
     def _score(self, queries: list[str], passages: list[str], groups: np.ndarray, n_queries: int,
                first_stage: Sequence[float] | None = None) -> CascadeResult:
-        """The cascade over the pairs; with ``first_stage`` scores, ``topk`` prunes on the ranking fused with them."""
+        """The cascade over the pairs, in bounded chunks (:meth:`_chunks`); with ``first_stage`` scores, ``topk``
+        prunes on the ranking fused with them."""
         start = time.perf_counter()
         weight = 0.0 if first_stage is None else self.first_stage_weight
-        result = self.cascade.run(queries, passages, self.policy, groups, first_stage, weight, self.fusion)
+        n = len(queries)
+        scores, stages = np.empty(n, dtype=np.float64), np.empty(n, dtype=np.int64)
+        truncated = 0
+        for rows in self._chunks(groups):
+            part = self.cascade.run([queries[i] for i in rows], [passages[i] for i in rows], self.policy,
+                                    groups[rows], None if first_stage is None else [first_stage[i] for i in rows],
+                                    weight, self.fusion)
+            scores[rows], stages[rows] = part.scores, part.exit_stage
+            truncated += part.truncated
+        result = CascadeResult(scores, stages, np.asarray(self.exits)[stages], truncated)
         self.stats.add(result.exit_stage, time.perf_counter() - start, n_queries, result.truncated)
         self.last_result = result
         return result
@@ -195,25 +231,11 @@ class MatryoshkaReranker:
                 raise InputTextError(f"pair {i} is {pair!r}, expected (query, passage)")
             queries.append(check_text(pair[0], f"pair {i}: query", allow_empty=False))
             passages.append(check_text(pair[1], f"pair {i}: passage", allow_empty=True))
+        if not queries:
+            return np.empty(0, dtype=np.float64)
         codes = {q: k for k, q in enumerate(dict.fromkeys(queries))}
         groups = np.array([codes[q] for q in queries], dtype=np.int64)
-        scores = np.empty(len(queries), dtype=np.float64)
-        stages = np.empty(len(queries), dtype=np.int64)
-        order = np.argsort(groups, kind="stable")
-        start = 0
-        while start < len(order):  # chunks of whole groups, so the group policies see a query's candidates at once
-            end = start + 1
-            while end < len(order) and (end - start < MAX_CANDIDATES_PER_CALL or
-                                        groups[order[end]] == groups[order[end - 1]]):
-                end += 1
-            rows = order[start:end]
-            result = self._score([queries[i] for i in rows], [passages[i] for i in rows], groups[rows],
-                                 len(set(groups[rows].tolist())))
-            scores[rows], stages[rows] = result.scores, result.exit_stage
-            start = end
-        if len(order) > MAX_CANDIDATES_PER_CALL:
-            self.last_result = CascadeResult(scores, stages, np.asarray(self.exits)[stages])
-        return scores
+        return self._score(queries, passages, groups, len(codes)).scores
 
     def rank(self, query: str, documents: Sequence[str], top_k: int | None = None,
              return_documents: bool = False, first_stage_scores: Sequence[float] | None = None

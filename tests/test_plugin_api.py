@@ -235,3 +235,26 @@ def test_error_messages_are_one_capped_line() -> None:  # issue 17 #16
     err = MissingDocumentError("q1", "x" * 5_000_000 + "\nsecond line", "corpus c.jsonl")
     text = str(err)
     assert len(text) < 1100 and "\n" not in text and "characters cut" in text and text.endswith("was retrieved from)")
+
+
+def test_rank_runs_bounded_chunks_and_keeps_the_truncation_count(monkeypatch: pytest.MonkeyPatch, model_dir: Path,
+                                                                 corpus: dict[str, str]) -> None:  # issue 16
+    reranker = MatryoshkaReranker(model_dir, policy="candidate", threshold=0.9, threads=1)
+    docs = [" ".join([text] * 8) for text in list(corpus.values())[:12]]  # long: every passage is truncated
+    whole = reranker.rank("insulin", docs)
+    truncated = reranker.last_result.truncated
+    assert truncated == 12
+    calls = []
+    run = reranker.cascade.run
+    monkeypatch.setattr(reranker.cascade, "run", lambda q, *a, **k: calls.append(len(q)) or run(q, *a, **k))
+    monkeypatch.setattr(api, "MAX_CANDIDATES_PER_CALL", 5)
+    chunked = reranker.rank("insulin", docs)
+    assert calls == [5, 5, 2] and reranker.last_result.truncated == truncated
+    assert [r["corpus_id"] for r in chunked] == [r["corpus_id"] for r in whole]
+    np.testing.assert_allclose([r["score"] for r in chunked], [r["score"] for r in whole], atol=1e-5)
+    calls.clear()
+    grouped = MatryoshkaReranker(model_dir, policy="topk", threshold=0.5, threads=1)
+    grouped_run = grouped.cascade.run
+    monkeypatch.setattr(grouped.cascade, "run", lambda q, *a, **k: calls.append(len(q)) or grouped_run(q, *a, **k))
+    grouped.rank("insulin", docs)
+    assert calls == [12]  # topk compares a query's candidates: one query is never split
