@@ -69,6 +69,11 @@ def test_resume_after_stop_gives_the_same_weights(setup: dict[str, Path]) -> Non
     assert "stopped after step 3 of 8" in stopped.stdout
     assert (root / "resumed" / "checkpoint-3" / "trainer_state.pt").is_file()
     assert not (root / "resumed" / "model").exists()
+    # a stop between checkpoints (save_steps 3) still leaves its own step to resume from
+    between = train(setup, root / "between", *common, "--stop_after_steps", "5")
+    assert "stopped after step 5 of 8" in between.stdout and (root / "between" / "checkpoint-5").is_dir()
+    train(setup, root / "between", *common, "--resume")
+    c = weights(root / "between" / "model")
     refused = train(setup, root / "resumed", *common, check=False)
     assert refused.returncode == 2 and "--resume" in refused.stderr
     train(setup, root / "resumed", *common, "--resume")
@@ -76,6 +81,7 @@ def test_resume_after_stop_gives_the_same_weights(setup: dict[str, Path]) -> Non
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] - b[key]).abs().max() <= 1e-6, key
+        assert (a[key] - c[key]).abs().max() <= 1e-6, key
     log = [json.loads(line) for line in (root / "resumed" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 9))                 # replayed steps are not logged twice
     assert {"ce/2", "ce/3", "ce/4", "self_distill/2", "teacher/4"} <= set(log[0]["terms"])

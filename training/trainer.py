@@ -227,9 +227,10 @@ class Trainer:
             if step % a.logging_steps == 0 or step == total:
                 last_log = {"step": step, "epoch": round(step / steps_per_epoch, 4), **record}
                 self._log(last_log)
-            if (a.save_steps and step % a.save_steps == 0) or step == total:
-                self._save_checkpoint(step, optimizer, scheduler)
-            if a.stop_after_steps and step == a.stop_after_steps and step < total:
+            stopping = bool(a.stop_after_steps) and step == a.stop_after_steps and step < total
+            if (a.save_steps and step % a.save_steps == 0) or step == total or stopping:
+                self._save_checkpoint(step, optimizer, scheduler)  # a stop always leaves its step to resume from
+            if stopping:
                 bar.close()
                 return TrainResult(step, total, None, True, last_log)
         bar.close()
