@@ -87,7 +87,7 @@ def verify_files(folder: PathLike, manifest: Manifest, precisions: Iterable[str]
     manifest_path = root / MANIFEST_NAME
     wanted = set(precisions) if precisions is not None else None
     _check_file(root, manifest_path, manifest.tokenizer.file, manifest.tokenizer.sha256, "tokenizer file")
-    groups = [(f"stage {s.index}", s.files) for s in manifest.stages]
+    groups = [(f"stage {s.index + 1}", s.files) for s in manifest.stages]
     if manifest.full_graph is not None:
         groups.append(("full graph", manifest.full_graph.files))
     for what, files in groups:

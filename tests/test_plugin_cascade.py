@@ -219,7 +219,7 @@ def test_a_stage_file_that_links_outside_the_folder_is_refused(tmp_path: Path, m
     stage = folder / "fp32" / "stage_2.onnx"
     shutil.move(stage, outside)
     stage.symlink_to(outside)  # the same bytes, so the sha256 matches: only the real path tells
-    with pytest.raises(ModelIntegrityError, match=r"stage_2\.onnx: stage 1 fp32 file listed in manifest.json resolves"
+    with pytest.raises(ModelIntegrityError, match=r"stage_2\.onnx: stage 2 fp32 file listed in manifest.json resolves"
                                                   r" to .*elsewhere.onnx, outside the model folder"):
         Cascade(folder)
     stage.unlink()
