@@ -107,6 +107,22 @@ def test_other_decoders_match_their_causal_lm(tmp_path, model_type: str) -> None
     assert torch.allclose(scores.calibrated[:, 1], alone.calibrated[:, 0], atol=1e-4)
 
 
+def test_gemma_embeddings_are_scaled_once_whatever_the_transformers_version(tmp_path) -> None:  # noqa: ANN001
+    base = str(make_tiny_base(tmp_path / "gemma", "gemma", num_layers=2, hidden=32, heads=4, seed=4))
+    model = LayerwiseReranker.build(base, exits=[1, 2], max_length=64, query_length=8).eval()
+    backbone, adapter = model.backbone, model.adapter
+    ids = torch.tensor([[1, 5, 7, 9]])
+    mask = torch.ones_like(ids)
+    expected = backbone.embed_tokens.weight[ids] * 32 ** 0.5
+    with torch.no_grad():
+        scaled, _ = adapter.embed(backbone, ids, mask, None, None)  # this transformers: a scaled embedding module
+        plain = torch.nn.Embedding.from_pretrained(backbone.embed_tokens.weight.detach().clone())
+        backbone.embed_tokens = plain  # older transformers: a plain embedding, scaled in GemmaModel.forward
+        unscaled_module, _ = adapter.embed(backbone, ids, mask, None, None)
+    torch.testing.assert_close(scaled, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unscaled_module, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_decoders_read_their_last_token_only(base: str) -> None:
     from matryoshka.training.config import ModelConfigError
 

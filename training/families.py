@@ -147,7 +147,12 @@ class DecoderAdapter(FamilyAdapter):
               position_ids: Tensor | None, segment_start: int | None = None) -> tuple[Tensor, Tensor]:
         if position_ids is None:
             position_ids = (torch.cumsum(attention_mask, dim=1) - 1).clamp(min=0)
-        return backbone.embed_tokens(input_ids), position_ids
+        hidden = backbone.embed_tokens(input_ids)
+        if self.model_type.startswith("gemma") and not hasattr(backbone.embed_tokens, "embed_scale"):
+            # Gemma scales its embeddings by sqrt(hidden): inside the embedding module in newer transformers (which
+            # has ``embed_scale``), in GemmaModel.forward in older ones (a plain nn.Embedding): do it here then
+            hidden = hidden * torch.tensor(float(backbone.config.hidden_size) ** 0.5, dtype=hidden.dtype)
+        return hidden, position_ids
 
     def layers(self, backbone: nn.Module) -> nn.ModuleList:
         return backbone.layers
