@@ -64,8 +64,6 @@ from benchmarks.pipeline_stages import (  # noqa: E402
 from matryoshka.io import atomic_write  # noqa: E402
 from matryoshka.training.dense.select import SELECTION_FILE  # noqa: E402
 
-logger = logging.getLogger("dense_pipeline")
-
 TRAIN_ARGS = ("--mode corpus --num_epochs 4 --per_device_batch_size 32 --group_size 2 --learning_rate 1e-4 "
               "--warmup_ratio 0.1 --similarity_temperature 0.05 --query_max_length 128 --passage_max_length 256 "
               "--logging_steps 10 --save_steps 50 --keep_checkpoints 8")

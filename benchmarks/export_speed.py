@@ -29,8 +29,6 @@ from tqdm import tqdm
 
 from matryoshka.layout import PairLayout
 
-logger = logging.getLogger(__name__)
-
 
 @dataclass
 class BenchArgs:

@@ -29,7 +29,6 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.rerank_benchmark import dataset_dir  # noqa: E402
 
-logger = logging.getLogger("segment_eval")
 Scores = dict[str, dict[str, float]]
 FUSION_BM25_WEIGHT = 0.3  # the training-free baseline of issue 15: 0.3 * minmax(BM25) + 0.7 * minmax(cosine)
 # the untrained ('base') model: every layer an exit, 128-token query segment + 256-token passage segment (the recipe's)

@@ -24,7 +24,6 @@ from matryoshka.errors import MatryoshkaError  # noqa: E402
 if TYPE_CHECKING:
     from matryoshka.export.pipeline import ExportResult
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass

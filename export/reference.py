@@ -5,7 +5,6 @@ stage API (``embed`` / ``run_layers`` / ``exit_score``) with keyword arguments, 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,8 +15,6 @@ from torch import Tensor, nn
 from matryoshka.export.spec import GraphSpec
 from matryoshka.layout import PairLayout
 from matryoshka.training.modeling import LayerwiseReranker, State
-
-logger = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 

@@ -10,7 +10,6 @@ match exactly. Scores of quantized variants are also compared by Spearman correl
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,8 +20,6 @@ import numpy as np
 from matryoshka.export.errors import ExportValidationError
 from matryoshka.export.reference import Batch, StageOutput, state_feed
 from matryoshka.export.spec import GraphSpec
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from pathlib import Path
 from matryoshka.errors import MatryoshkaError, OptionError
 from matryoshka.pipeline import bm25_search, prepare_beir, trec_eval
 
-logger = logging.getLogger(__name__)
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "scifact"
 
 

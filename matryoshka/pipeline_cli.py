@@ -24,8 +24,6 @@ from matryoshka.errors import MatryoshkaError, OptionError
 from matryoshka.io.atomic import atomic_write
 from matryoshka.pipeline import bm25_search, prepare_beir, run_pyserini, trec_eval
 
-logger = logging.getLogger(__name__)
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m matryoshka pipeline", description=__doc__,

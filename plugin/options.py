@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -19,8 +18,6 @@ from matryoshka.plugin.fusion import NORMALIZATIONS, check_first_stage_weight
 from matryoshka.plugin.manifest import POLICY_NAMES
 from matryoshka.plugin.policies import DEFAULT_TOP_K, POLICY_DEFAULT_THRESHOLD, check_depth, check_threshold
 from matryoshka.plugin.session import check_threads
-
-logger = logging.getLogger(__name__)
 
 
 def add_model_options(group: argparse._ActionGroup | argparse.ArgumentParser, prefix: str = "") -> None:

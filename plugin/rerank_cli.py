@@ -29,8 +29,6 @@ from matryoshka.plugin.options import (
     rerank_file,
 )
 
-logger = logging.getLogger(__name__)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m matryoshka rerank",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,8 +11,6 @@ from typing import Any
 import numpy as np
 
 from matryoshka.io.atomic import atomic_write
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

@@ -22,7 +22,6 @@ and layers stay relative to scoring every candidate at full depth, so a shallowe
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -36,7 +35,6 @@ from matryoshka.plugin.cascade import Cascade
 from matryoshka.plugin.fusion import DEFAULT_FUSION, FirstStageScoreError, check_first_stage_weight, fuse
 from matryoshka.plugin.policies import ExitPolicy, StageView, make_policy
 
-logger = logging.getLogger(__name__)
 DEFAULT_THRESHOLDS: dict[str, tuple[float, ...]] = {
     "candidate": (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999),
     "query": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99),

@@ -8,7 +8,6 @@ identical inputs. The collator adds ``labels`` ``[n, g]`` (grades; 0 for negativ
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,8 +19,6 @@ import torch
 from matryoshka.errors import MissingInputError
 from matryoshka.layout import PairLayout, prepare_tokenizer
 from matryoshka.training.data import Group, TrainingDataError
-
-logger = logging.getLogger(__name__)
 
 
 def load_tokenizer(model_dir: str | os.PathLike[str]) -> Any:

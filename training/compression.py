@@ -21,15 +21,12 @@ that the trainer owns (never the global RNG); inference uses the config's fixed 
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from matryoshka.training.config import Compression, ModelConfigError
-
-logger = logging.getLogger(__name__)
 
 
 class AttentionPoolScorer(nn.Module):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,8 +23,6 @@ from typing import Any
 from matryoshka.errors import DataFormatError, MatryoshkaError
 from matryoshka.io import atomic_write
 from matryoshka.layout import PairLayout, lcm_of
-
-logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "matryoshka_config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -25,7 +25,6 @@ from matryoshka.errors import MatryoshkaError, MissingInputError, OptionError
 from matryoshka.io import atomic_write, load_beir, read_run, write_run, write_trec_qrels
 from matryoshka.io.beir import BeirDataset
 
-logger = logging.getLogger(__name__)
 RunScores = dict[str, dict[str, float]]
 MEASURES = ("ndcg_cut.10", "recall.100")
 

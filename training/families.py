@@ -25,14 +25,11 @@ Decoders use the given ``position_ids`` (the layout's ``cumsum(mask) - 1``), or 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-
-logger = logging.getLogger(__name__)
 
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "mpnet")
 DECODER_TYPES = ("llama", "mistral", "qwen2", "gemma")

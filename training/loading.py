@@ -14,7 +14,6 @@ network: ``HF_HUB_OFFLINE=1`` is set before ``transformers`` loads anything.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,6 @@ from matryoshka.layout import PairLayout, decoder_layout, encoder_layout, lcm_of
 from matryoshka.training.config import TOKENIZER_FILE, ModelConfigError, RerankerConfig
 from matryoshka.training.families import FamilyAdapter, get_adapter, supported_model_types
 
-logger = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 GENERIC_FOLDER_NAMES = ("model", "models", "checkpoint", "weights", "base")
 DROPPED_CONFIG_KEYS = ("quantization_config", "_name_or_path", "transformers_version", "torch_dtype", "dtype")

@@ -18,7 +18,6 @@ terms exist is fixed at construction, so the dict has the same keys every step.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -28,8 +27,6 @@ from torch import Tensor
 
 from matryoshka.training.losses import GroupLoss, LossInputError, LossType, SelfDistillStrategy, build_loss
 from matryoshka.training.modeling import ExitScores
-
-logger = logging.getLogger(__name__)
 
 
 class PhaseType(Enum):

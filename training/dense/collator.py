@@ -10,7 +10,6 @@ that are in fact positives of a query (false negatives), across ranks too.
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -19,8 +18,6 @@ import torch
 
 from matryoshka.training.data import Group, TrainingDataError, TrainingSet
 from matryoshka.training.dense.modeling import BiEncoder
-
-logger = logging.getLogger(__name__)
 
 
 def doc_key(docid: str) -> int:

@@ -18,7 +18,6 @@ texts Pyserini encodes at search time:
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import asdict, dataclass, field
 from enum import Enum, StrEnum
@@ -29,7 +28,6 @@ from matryoshka.errors import DataFormatError, MatryoshkaError, MissingInputErro
 from matryoshka.io import atomic_write
 from matryoshka.io.jsonfile import read_json_object
 
-logger = logging.getLogger(__name__)
 DENSE_CONFIG_FILE = "dense_config.json"
 #: subfolder of a dense model that holds its frozen passage encoder (``corpus`` mode), a plain Hugging Face folder
 PASSAGE_ENCODER_DIR = "passage_encoder"

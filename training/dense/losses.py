@@ -17,7 +17,6 @@ of query ``i``), ``teacher`` ``[n, g]``.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from matryoshka.training.dense.config import DenseConfigError, TrainingMode
-
-logger = logging.getLogger(__name__)
 
 
 def distributed_world() -> tuple[int, int]:

@@ -11,7 +11,6 @@ ranks, which equals the single-process loss on the concatenated batch.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,6 @@ from matryoshka.training.dense.corpus import PassageIndex, load_passage_index
 from matryoshka.training.dense.losses import DenseObjective, corpus_loss
 from matryoshka.training.dense.modeling import BiEncoder
 from matryoshka.training.trainer import Trainer, _dist, _seed_for
-
-logger = logging.getLogger(__name__)
 
 
 class DenseTrainer(Trainer):

@@ -12,14 +12,10 @@ Every loss is called as ``loss(scores, group_size, teacher_scores=None) -> Tenso
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor
 
 from matryoshka.errors import MatryoshkaError
-
-logger = logging.getLogger(__name__)
 
 
 class LossInputError(MatryoshkaError, ValueError):

@@ -7,13 +7,9 @@ threshold means the same thing at every exit.
 
 from __future__ import annotations
 
-import logging
-
 from torch import Tensor
 
 from matryoshka.training.losses.base import GroupLoss
-
-logger = logging.getLogger(__name__)
 
 
 class GapLoss(GroupLoss):

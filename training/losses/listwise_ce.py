@@ -5,14 +5,10 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor
 
 from matryoshka.training.losses.base import GroupLoss
-
-logger = logging.getLogger(__name__)
 
 
 class ListwiseCELoss(GroupLoss):

@@ -23,7 +23,6 @@ The final exit gets 0 in every strategy but ``TEACHER``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from enum import Enum
 
@@ -31,8 +30,6 @@ import torch
 from torch import Tensor
 
 from matryoshka.training.losses.base import GroupLoss, LossInputError, tempered_kl
-
-logger = logging.getLogger(__name__)
 
 
 class SelfDistillStrategy(Enum):

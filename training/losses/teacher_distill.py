@@ -7,13 +7,9 @@ positive's.
 
 from __future__ import annotations
 
-import logging
-
 from torch import Tensor
 
 from matryoshka.training.losses.base import GroupLoss, LossInputError, tempered_kl
-
-logger = logging.getLogger(__name__)
 
 
 class TeacherDistillLoss(GroupLoss):
