@@ -37,7 +37,6 @@ class Row:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    from benchmarks.rerank_benchmark import dataset_dir  # noqa: F401 - validated below
 
     p = argparse.ArgumentParser(prog="python benchmarks/rerank_benchmark.py", description=__doc__)
     p.add_argument("--model", type=Path, default=REPO / "plugin" / "default_model", help="exported model folder")
@@ -149,7 +148,7 @@ def _precisions(model: Path) -> list[str]:
 
 
 def timed(name: str, context: dict, args: argparse.Namespace, out: Path) -> list[str]:
-    from benchmarks.rerank_benchmark import run_config
+    from benchmarks.bench_worker import run_config
 
     prepared, candidates, texts = context["prepared"], context["candidates"], context["texts"]
     qids = [q for q in candidates if q in prepared.dataset.qrels][: args.timing_queries]
@@ -243,7 +242,7 @@ def frontier(points: list[dict], full: float) -> list[str]:
 
 
 def run_benchmark(argv: list[str]) -> int:
-    from benchmarks.rerank_benchmark import dataset_dir
+    from benchmarks.bench_worker import dataset_dir
 
     args = parse(argv)
     args.results.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.rerank_benchmark import dataset_dir  # noqa: E402
+from benchmarks.bench_worker import dataset_dir  # noqa: E402
 
 Scores = dict[str, dict[str, float]]
 FUSION_BM25_WEIGHT = 0.3  # the training-free baseline of issue 15: 0.3 * minmax(BM25) + 0.7 * minmax(cosine)

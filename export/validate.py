@@ -86,7 +86,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return sums[inverse] / counts[inverse]
 
 
-def session(path: Path, threads: int = 1):  # noqa: ANN201 - onnxruntime.InferenceSession
+def session(path: Path, threads: int = 1):  # -> onnxruntime.InferenceSession
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -75,11 +75,6 @@ class PairLayout:
     def suffix_length(self) -> int:
         return len(self.suffix_ids)
 
-    @property
-    def score_position(self) -> int:
-        """0 for encoders ([CLS]); -1 (the last token) for decoders."""
-        return 0 if self.family == "encoder" else -1
-
     # ------------------------------------------------------------------------------------------------ (de)serialise
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

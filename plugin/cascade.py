@@ -102,7 +102,7 @@ class Cascade:
         tokenizer_path = self.folder / self.manifest.tokenizer.file
         try:
             self.tokenizer = prepare_tokenizer(Tokenizer.from_file(str(tokenizer_path)))
-        except Exception as err:  # noqa: BLE001 - the Rust tokenizers library raises a bare Exception
+        except Exception as err:  # the Rust tokenizers library raises a bare Exception
             raise ManifestError(tokenizer_path, f"not a loadable tokenizer.json ({err})") from None
         self.providers = resolve_providers(providers)
         paths = self.manifest.stage_paths(self.folder, self.precision)

@@ -33,7 +33,6 @@ from matryoshka.errors import MatryoshkaError, OptionError
 
 #: what a weight is checked against (used in every error message about it)
 WEIGHT_EXPECTED = "a number in [0, 1] (the share of the normalised first-stage score in the final score; 0 = off)"
-DEFAULT_FIRST_STAGE_WEIGHT = 0.0
 DEFAULT_FUSION = "z"
 
 

@@ -161,7 +161,7 @@ def run(package: str, fullname: str, run_globals: dict[str, Any]) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-class Terminated(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
+class Terminated(BaseException):  # a signal, like KeyboardInterrupt
     """SIGTERM, raised in the main thread so that clean-up (``finally``) runs."""
 
 

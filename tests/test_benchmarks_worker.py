@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.rerank_benchmark import _worker
+from benchmarks.bench_worker import _worker
 from matryoshka.plugin.api import MatryoshkaReranker
 from matryoshka.plugin.cascade import Cascade
 from matryoshka.plugin.manifest import load_manifest, write_manifest

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -358,9 +358,3 @@ def shard(groups: Sequence[Group], rank: int, world_size: int, per_rank_batch: i
                                 f"{per_rank_batch} groups: lower per_device_batch_size or add training queries")
     return [list(groups[s * step_size + rank * per_rank_batch: s * step_size + (rank + 1) * per_rank_batch])
             for s in range(steps)]
-
-
-def iter_docids(queries: Iterable[TrainingQuery]) -> Iterable[str]:
-    for query in queries:
-        yield from query.positives
-        yield from query.candidates
