@@ -38,7 +38,7 @@ from matryoshka.plugin.manifest import (
     ManifestError,
     load_manifest,
 )
-from matryoshka.plugin.policies import ExitPolicy, StageView
+from matryoshka.plugin.policies import ExitPolicy, run_stage_loop
 from matryoshka.plugin.session import StageSession, check_threads, open_stage, resolve_providers
 
 logger = logging.getLogger(__name__)
@@ -168,47 +168,43 @@ class Cascade:
         truncated = sum(len(p) > budget for p in p_ids)
         lengths = np.array([min(len(p), budget) for p in p_ids])
         order = np.argsort(-lengths, kind="stable")
-        pending = [_Batch(rows, self._first_feeds(rows, q_ids, p_ids)) for rows in self._chunks(order)]
-        current = np.full(n, np.nan, dtype=np.float64)
-        last = len(self.stages) - 1
-        for k, stage in enumerate(self.stages):
-            produced = []
+        produced: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+
+        def score_stage(k: int, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            nonlocal produced
+            pending = ([_Batch(rows, self._first_feeds(rows, q_ids, p_ids)) for rows in self._chunks(order)]
+                       if k == 0 else self._survivors(produced, set(alive.tolist())))
+            stage, produced, scores = self.stages[k], [], []
             for batch in pending:
                 out = stage.run(batch.feeds)
                 score = np.asarray(out["score"], dtype=np.float64).reshape(-1)
                 if score.shape != (len(batch.rows),):
                     raise StageOutputError(f"{stage.path}: output 'score' has {score.size} values for a batch of "
                                            f"{len(batch.rows)} (expected shape [batch]); re-export the model")
-                current[batch.rows] = self._calibrate(k, score)
+                scores.append(self._calibrate(k, score))
                 produced.append((batch.rows, out))
-            alive = np.concatenate([rows for rows, _ in produced])
-            bad = alive[~np.isfinite(current[alive])]
-            if bad.size:
-                raise StageOutputError(f"{stage.path}: stage {k + 1} gave non-finite scores for {bad.size} of "
-                                       f"{alive.size} candidates; the model folder is broken (re-export it)")
-            if k == last:
-                leaving = np.ones(len(alive), dtype=bool)
-            else:
-                view = StageView(k, self.exits[k], self.manifest.exit_calibration(self.exits[k]).residual_std,
-                                 alive, current.copy(), group_ids, first, first_stage_weight, fusion)
-                leaving = policy.decide(view)
-            exited = alive[leaving]
-            final[exited] = current[exited]
-            exit_stage[exited] = k
-            if k == last or leaving.all():
-                break
-            pending = self._survivors(produced, leaving_rows=set(exited.tolist()))
+            rows, values = np.concatenate([r for r, _ in produced]), np.concatenate(scores)
+            if not np.isfinite(values).all():
+                raise StageOutputError(f"{stage.path}: stage {k + 1} gave non-finite scores for "
+                                       f"{int((~np.isfinite(values)).sum())} of {rows.size} candidates; the model "
+                                       "folder is broken (re-export it)")
+            return rows, values
+
+        last = len(self.stages) - 1
+        residual = [self.manifest.exit_calibration(e).residual_std for e in self.exits[:last]] + [0.0]
+        final, exit_stage = run_stage_loop(n, len(self.stages), score_stage, policy, self.exits, residual, group_ids,
+                                           first, first_stage_weight, fusion)
         if np.isnan(final).any():
             raise RuntimeError("cascade ended with unscored candidates")  # an internal invariant, not user input
         exit_layer = np.asarray(self.exits, dtype=np.int64)[exit_stage]
         return CascadeResult(final, exit_stage, exit_layer, int(truncated))
 
-    def _survivors(self, produced: list[tuple[np.ndarray, dict[str, np.ndarray]]], leaving_rows: set[int]
+    def _survivors(self, produced: list[tuple[np.ndarray, dict[str, np.ndarray]]], alive: set[int]
                    ) -> list[_Batch]:
-        """The next stage's batches: surviving rows of each batch, merged by sequence length, re-chunked."""
+        """The next stage's batches: the ``alive`` rows of each batch, merged by sequence length, re-chunked."""
         by_length: dict[int, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {}
         for rows, out in produced:
-            keep = np.array([int(r) not in leaving_rows for r in rows], dtype=bool)
+            keep = np.array([int(r) in alive for r in rows], dtype=bool)
             if not keep.any():
                 continue
             state = {name: out[f"{name}_out"][keep] for name in STATE_INPUTS}

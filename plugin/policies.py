@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -201,6 +201,39 @@ def check_depth(depth: object, option: str = "depth") -> int | None:
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
         raise OptionError(option, depth, "an integer >= 1 (candidates reranked per query), or 0 for all of them")
     return depth
+
+
+StageScorer = Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def run_stage_loop(n: int, n_stages: int, score_stage: StageScorer, policy: ExitPolicy, exits: Sequence[int],
+                   residual_std: Sequence[float], groups: np.ndarray, first_stage: np.ndarray | None = None,
+                   first_stage_weight: float = 0.0, fusion: str = DEFAULT_FUSION) -> tuple[np.ndarray, np.ndarray]:
+    """The cascade's control loop, the one the runtime (:meth:`Cascade.run`) and the tuner's replay share.
+
+    Stage k scores the candidates still alive (``score_stage(k, alive) -> (rows, scores)``, rows in the order it
+    scored them); ``policy`` decides who leaves (everyone at the last stage); a leaver keeps that score. Returns
+    ``(final scores, exit stage)`` per candidate, unfused (``first_stage``/weight/fusion only inform the policy).
+    """
+    final = np.full(n, np.nan)
+    exit_stage = np.full(n, -1, dtype=np.int64)
+    current = np.full(n, np.nan)
+    first = None if first_stage_weight == 0.0 else first_stage
+    alive = np.arange(n)
+    for k in range(n_stages):
+        alive, scores = score_stage(k, alive)
+        current[alive] = scores
+        if k == n_stages - 1:
+            leaving = np.ones(len(alive), dtype=bool)
+        else:
+            leaving = policy.decide(StageView(k, exits[k], float(residual_std[k]), alive, current.copy(), groups,
+                                              first, first_stage_weight, fusion))
+        final[alive[leaving]] = current[alive[leaving]]
+        exit_stage[alive[leaving]] = k
+        alive = alive[~leaving]
+        if not alive.size:
+            break
+    return final, exit_stage
 
 
 def make_policy(name: str, threshold: float | None, exits: Sequence[int], default_threshold: float,

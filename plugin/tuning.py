@@ -33,7 +33,7 @@ from matryoshka.errors import OptionError
 from matryoshka.metrics import ndcg_at_k
 from matryoshka.plugin.cascade import Cascade
 from matryoshka.plugin.fusion import DEFAULT_FUSION, FirstStageScoreError, check_first_stage_weight, fuse
-from matryoshka.plugin.policies import ExitPolicy, StageView, make_policy
+from matryoshka.plugin.policies import ExitPolicy, StageView, make_policy, run_stage_loop
 
 DEFAULT_THRESHOLDS: dict[str, tuple[float, ...]] = {
     "candidate": (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999),
@@ -74,24 +74,8 @@ def replay(exit_scores: np.ndarray, groups: np.ndarray, policy: ExitPolicy, exit
     """The (unfused final scores, exit stage) the cascade gives with ``policy``, from recorded exit scores (the
     first-stage scores and fusion as :meth:`Cascade.run` takes them)."""
     n, stages = exit_scores.shape
-    final = np.full(n, np.nan)
-    exit_stage = np.full(n, -1, dtype=np.int64)
-    alive = np.arange(n)
-    current = np.full(n, np.nan)
-    for k in range(stages):
-        current[alive] = exit_scores[alive, k]
-        if k == stages - 1:
-            leaving = np.ones(len(alive), dtype=bool)
-        else:
-            first = None if first_stage_weight == 0.0 else first_stage
-            leaving = policy.decide(StageView(k, exits[k], float(residual_std[k]), alive, current.copy(), groups,
-                                              first, first_stage_weight, fusion))
-        final[alive[leaving]] = current[alive[leaving]]
-        exit_stage[alive[leaving]] = k
-        alive = alive[~leaving]
-        if not alive.size:
-            break
-    return final, exit_stage
+    return run_stage_loop(n, stages, lambda k, alive: (alive, exit_scores[alive, k]), policy, exits, residual_std,
+                          groups, first_stage, first_stage_weight, fusion)
 
 
 @dataclass(frozen=True)
