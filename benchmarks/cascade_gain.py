@@ -167,7 +167,7 @@ def record(args: argparse.Namespace, data: Path, run_path: Path, dataset: BeirDa
     from benchmarks.pipeline_stages import truncate_run
     from matryoshka.io import read_run
     from matryoshka.plugin.cascade import Cascade
-    from matryoshka.plugin.tune_cli import check_run_in_collection, load_cached, recording_key, save_cached
+    from matryoshka.plugin.tune_cli import check_run_in_collection, recording_key
     from matryoshka.plugin.tuning import record_run
 
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -181,11 +181,11 @@ def record(args: argparse.Namespace, data: Path, run_path: Path, dataset: BeirDa
     cascade = Cascade(args.model, threads=args.threads)
     key = recording_key(cascade, [stem])
     npz = args.cache / f"{stem}.npz"
-    recorded = load_cached(npz, key)
+    recorded = Recorded.load(npz, key)
     if recorded is None:
         texts = {e.docid: dataset.corpus[e.docid].contents for hits in run.queries.values() for e in hits}
         recorded = record_run(cascade, run.queries, dataset.queries, texts)
-        save_cached(npz, key, recorded)
+        recorded.save(npz, key)
     if recorded.first_stage is None:
         raise DataFormatError(run_path, None, "the run has no scores", "pass a TREC run with its retrieval scores")
     return recorded

@@ -152,34 +152,6 @@ def check_run_in_collection(run: Run, run_path: Path, data: Path, corpus: Mappin
                               f"pass a run of this collection's {split} queries")
 
 
-def load_cached(path: Path, key: str) -> Recorded | None:
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if str(data["key"]) != key:
-                logger.info("%s was recorded for other model files or data: recording again", path)
-                return None
-            first = data["first_stage"]
-            recorded = Recorded([str(q) for q in data["qids"]], [str(d) for d in data["docids"]], data["groups"],
-                                data["exit_scores"], tuple(int(e) for e in data["exits"]),
-                                tuple(float(r) for r in data["residual_std"]), data["cumulative_cost"],
-                                first if first.size else None)
-    except (OSError, KeyError, ValueError) as exc:
-        raise DataFormatError(path, None, f"not a tuning cache ({exc})", "delete it or pass another --cache") from None
-    logger.info("reusing the exit scores recorded in %s", path)
-    return recorded
-
-
-def save_cached(path: Path, key: str, recorded: Recorded) -> None:
-    first = recorded.first_stage if recorded.first_stage is not None else np.zeros(0)
-    with atomic_write(path, "wb") as handle:
-        np.savez(handle, key=np.array(key), qids=np.array(recorded.qids), docids=np.array(recorded.docids),
-                 groups=recorded.groups, exit_scores=recorded.exit_scores, exits=np.array(recorded.exits),
-                 residual_std=np.array(recorded.residual_std), cumulative_cost=recorded.cumulative_cost,
-                 first_stage=first)
-
-
 def write_choice(model_dir: str | Path, best: SweepPoint, first_stage_weight: float, tuned_on: dict,
                  fusion: str = DEFAULT_FUSION) -> Path:
     """Store the chosen policy, threshold, rerank depth and first-stage weight in ``model_dir/manifest.json``
@@ -221,13 +193,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         recorded = None
         key = cache_key(cascade, args) if args.cache else ""
         if args.cache:
-            recorded = load_cached(args.cache, key)
+            recorded = Recorded.load(args.cache, key)
         if recorded is None:
             logger.info("recording exit scores of %d pairs (%d queries)",
                         sum(len(h) for h in candidates.values()), len(candidates))
             recorded = record_run(cascade, candidates, prepared.dataset.queries, texts)
             if args.cache:
-                save_cached(args.cache, key, recorded)
+                recorded.save(args.cache, key)
         recorded.fusion = args.fusion
         # a depth >= --hits scores every candidate: the same point as 'all'
         depths = check_depths([d if d is None or d < args.hits else None for d in args.depths])

@@ -22,18 +22,23 @@ and layers stay relative to scoring every candidate at full depth, so a shallowe
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from matryoshka.errors import OptionError
+from matryoshka.errors import DataFormatError, OptionError
+from matryoshka.io.atomic import atomic_write
 from matryoshka.metrics import ndcg_at_k
 from matryoshka.plugin.cascade import Cascade
 from matryoshka.plugin.fusion import DEFAULT_FUSION, FirstStageScoreError, check_first_stage_weight, fuse
 from matryoshka.plugin.policies import ExitPolicy, StageView, make_policy, run_stage_loop
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS: dict[str, tuple[float, ...]] = {
     "candidate": (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999),
@@ -109,6 +114,37 @@ class Recorded:
     first_stage: np.ndarray | None = None
     #: per-query normalisation of the fusion (a :data:`~matryoshka.plugin.fusion.NORMALIZATIONS` name)
     fusion: str = DEFAULT_FUSION
+
+    @classmethod
+    def load(cls, path: Path, key: str) -> Recorded | None:
+        """The recording cached in ``path`` (an ``.npz`` written by :meth:`save`) if it was made under ``key`` (the
+        model files, data and run it came from); None when absent or recorded for another key."""
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if str(data["key"]) != key:
+                    logger.info("%s was recorded for other model files or data: recording again", path)
+                    return None
+                first = data["first_stage"]
+                recorded = cls([str(q) for q in data["qids"]], [str(d) for d in data["docids"]], data["groups"],
+                               data["exit_scores"], tuple(int(e) for e in data["exits"]),
+                               tuple(float(r) for r in data["residual_std"]), data["cumulative_cost"],
+                               first if first.size else None)
+        except (OSError, KeyError, ValueError) as exc:
+            raise DataFormatError(path, None, f"not a tuning cache ({exc})",
+                                  "delete it or pass another --cache") from None
+        logger.info("reusing the exit scores recorded in %s", path)
+        return recorded
+
+    def save(self, path: Path, key: str) -> None:
+        """Cache this recording in ``path`` (``.npz``, atomically) under ``key``."""
+        first = self.first_stage if self.first_stage is not None else np.zeros(0)
+        with atomic_write(path, "wb") as handle:
+            np.savez(handle, key=np.array(key), qids=np.array(self.qids), docids=np.array(self.docids),
+                     groups=self.groups, exit_scores=self.exit_scores, exits=np.array(self.exits),
+                     residual_std=np.array(self.residual_std), cumulative_cost=self.cumulative_cost,
+                     first_stage=first)
 
     def fused(self, scores: np.ndarray, first_stage_weight: float = 0.0, rows: np.ndarray | None = None
               ) -> np.ndarray:

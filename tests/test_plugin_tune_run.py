@@ -58,7 +58,7 @@ def test_tunes_on_the_given_run_and_says_so(setup, capsys: pytest.CaptureFixture
     assert policy.tuned_on["first_stage"] == "hybrid-dev.trec" and policy.tuned_on["hits"] == 10
     assert policy.first_stage_weight == 0.5  # the run's scores know the relevant documents
     assert "chosen: policy=" in capsys.readouterr().out
-    caplog.set_level("INFO", logger="matryoshka.plugin.tune_cli")
+    caplog.set_level("INFO", logger="matryoshka.plugin")
     assert tune_main([*args, "--dry-run"]) == 0  # the same run: its recorded scores come from the cache
     assert "reusing the exit scores" in caplog.text
     caplog.clear()

@@ -83,22 +83,21 @@ def test_tune_query_sample_is_seeded_judged_and_checked() -> None:
 
 def test_tune_cache_round_trip_key_mismatch_and_corrupt_file(tmp_path: Path) -> None:
     from matryoshka.errors import DataFormatError
-    from matryoshka.plugin.tune_cli import load_cached, save_cached
     from matryoshka.plugin.tuning import Recorded
 
     rec = Recorded(["q1", "q1", "q2"], ["a", "b", "c"], np.array([0, 0, 1]), np.arange(6.0).reshape(3, 2), (3, 6),
                    (0.5, 0.0), np.array([0.5, 1.0]), np.array([3.0, 2.0, 1.0]))
     path = tmp_path / "cache.npz"
-    save_cached(path, "key-1", rec)
-    back = load_cached(path, "key-1")
+    rec.save(path, "key-1")
+    back = Recorded.load(path, "key-1")
     assert back is not None and back.qids == rec.qids and back.docids == rec.docids and back.exits == (3, 6)
     np.testing.assert_array_equal(back.exit_scores, rec.exit_scores)
     np.testing.assert_array_equal(back.first_stage, rec.first_stage)
     assert back.residual_std == (0.5, 0.0)
-    assert load_cached(path, "key-2") is None and load_cached(tmp_path / "absent.npz", "key-1") is None
+    assert Recorded.load(path, "key-2") is None and Recorded.load(tmp_path / "absent.npz", "key-1") is None
     path.write_bytes(b"not numpy")
     with pytest.raises(DataFormatError, match="not a tuning cache"):
-        load_cached(path, "key-1")
+        Recorded.load(path, "key-1")
 
 
 def test_tune_compares_with_the_first_stage_alone() -> None:
