@@ -20,7 +20,7 @@ from matryoshka.io.atomic import atomic_write
 from matryoshka.pipeline import bm25_search, prepare_beir, trec_eval
 from matryoshka.plugin.cascade import Cascade
 from matryoshka.plugin.manifest import load_manifest
-from matryoshka.plugin.policies import make_policy
+from matryoshka.plugin.policies import POLICIES, make_policy
 from matryoshka.plugin.tuning import record_run, sweep
 
 logger = logging.getLogger("benchmark")
@@ -206,7 +206,7 @@ def plot(curves: dict[str, dict], path: Path) -> None:
         points = curve["points"]
         depths = sorted({p.get("depth") for p in points}, key=lambda d: (d is not None, d or 0))
         for depth in depths:
-            for policy, marker in (("candidate", "o"), ("query", "s"), ("topk", "^")):
+            for policy, marker in ((name, cls.marker) for name, cls in POLICIES.items() if cls.sweep):
                 pts = sorted((p["relative_cost"], p["ndcg10"]) for p in points
                              if p["policy"] == policy and p.get("depth") == depth)
                 if pts:

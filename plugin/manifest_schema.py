@@ -14,13 +14,14 @@ from typing import Any
 
 from matryoshka.errors import DataFormatError
 from matryoshka.layout import PairLayout
+from matryoshka.plugin.policies import POLICIES
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 #: precision names a stage file may be stored under ("optimized" = ORT transformer-optimized fp32 graph)
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "optimized", "optimized-int8")
 FAMILIES = ("encoder", "decoder")
-POLICY_NAMES = ("candidate", "query", "topk", "fixed")
+POLICY_NAMES = tuple(POLICIES)  # derived from the policy registry
 CALIBRATION_KINDS = ("affine",)
 FIRST_STAGE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 STATE_INPUTS = ("hidden_states", "attention_mask", "position_ids")

@@ -16,7 +16,13 @@ from matryoshka.plugin.api import MatryoshkaReranker, MissingDocumentError
 from matryoshka.plugin.docs import CorpusDocs, DocumentSource, LuceneIndexDocs
 from matryoshka.plugin.fusion import NORMALIZATIONS, check_first_stage_weight
 from matryoshka.plugin.manifest import POLICY_NAMES
-from matryoshka.plugin.policies import DEFAULT_TOP_K, POLICY_DEFAULT_THRESHOLD, check_depth, check_threshold
+from matryoshka.plugin.policies import (
+    DEFAULT_TOP_K,
+    POLICY_DEFAULT_THRESHOLD,
+    check_depth,
+    check_threshold,
+    policy_help,
+)
 from matryoshka.plugin.session import check_threads
 
 
@@ -28,9 +34,7 @@ def add_model_options(group: argparse._ActionGroup | argparse.ArgumentParser, pr
     opt("model", metavar="DIR", default=None,
         help="exported model folder (manifest.json + ONNX stages); default: the bundled default model")
     opt("policy", choices=POLICY_NAMES, default=None,
-        help="early-exit policy: candidate (confidence max(sigmoid(s), 1-sigmoid(s)) > threshold), query (softmax "
-             "over the query's candidates, max > threshold), topk (stop candidates that cannot reach the top K), "
-             f"fixed (every candidate exits at --{prefix}exit-layer); default: the model's tuned policy")
+        help=f"early-exit policy: {policy_help(f'--{prefix}exit-layer')}; default: the model's tuned policy")
     opt("threshold", type=float, metavar="T", default=None,
         help="exit threshold in [0, 1]; 1.0 never exits early (= full depth); default: the model's tuned value "
              f"(for another policy than the tuned one: {POLICY_DEFAULT_THRESHOLD})")

@@ -38,7 +38,6 @@ import numpy as np
 
 from matryoshka.errors import OptionError
 from matryoshka.plugin.fusion import DEFAULT_FUSION, NORMALIZATIONS, fuse
-from matryoshka.plugin.manifest_schema import POLICY_NAMES
 
 logger = logging.getLogger(__name__)
 DEFAULT_TOP_K = 10
@@ -83,10 +82,26 @@ class StageView:
 
 
 class ExitPolicy(ABC):
+    """One exit rule. A registered policy (:data:`POLICIES`) also declares its ``help`` (``{exit_layer_flag}`` is
+    filled with the CLI's flag), the thresholds the tuner sweeps (``sweep``; empty: never tuned) and a plot
+    ``marker``: adding a policy is one class plus one entry there."""
+
     name: str = ""
+    help: str = ""
+    sweep: tuple[float, ...] = ()
+    marker: str = "o"
 
     def __init__(self, threshold: float) -> None:
         self.threshold = check_threshold(threshold)
+
+    @classmethod
+    def from_options(cls, threshold: float | None, default_threshold: float, exits: Sequence[int], top_k: int,
+                     exit_layer: int | None) -> ExitPolicy:
+        """The policy from user options (``threshold`` None = ``default_threshold``)."""
+        if exit_layer is not None:
+            raise OptionError("exit_layer", exit_layer, f"no exit layer with the {cls.name} policy (it picks each "
+                              "candidate's exit itself); add --policy fixed to exit every candidate at one layer")
+        return cls(default_threshold if threshold is None else threshold)
 
     def decide(self, view: StageView) -> np.ndarray:
         """A boolean mask over ``view.alive``: True = exit at this stage. Not called for the last stage."""
@@ -111,6 +126,9 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 class CandidatePolicy(ExitPolicy):
     name = "candidate"
+    help = "confidence max(sigmoid(s), 1-sigmoid(s)) > threshold"
+    sweep = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+    marker = "o"
 
     def _decide(self, view: StageView) -> np.ndarray:
         p = sigmoid(view.alive_scores)
@@ -126,6 +144,9 @@ def _group_slices(groups: np.ndarray) -> list[np.ndarray]:
 
 class QueryPolicy(ExitPolicy):
     name = "query"
+    help = "softmax over the query's candidates, max > threshold"
+    sweep = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+    marker = "s"
 
     def _decide(self, view: StageView) -> np.ndarray:
         scores, groups = view.alive_scores.astype(np.float64), view.groups[view.alive]
@@ -139,12 +160,22 @@ class QueryPolicy(ExitPolicy):
 
 class TopKPolicy(ExitPolicy):
     name = "topk"
+    help = "stop candidates that cannot reach the top K"
+    sweep = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+    marker = "^"
 
     def __init__(self, threshold: float, k: int = DEFAULT_TOP_K) -> None:
         super().__init__(threshold)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise OptionError("top_k", k, "an integer >= 1")
         self.k = k
+
+    @classmethod
+    def from_options(cls, threshold: float | None, default_threshold: float, exits: Sequence[int], top_k: int,
+                     exit_layer: int | None) -> ExitPolicy:
+        if exit_layer is not None:
+            return super().from_options(threshold, default_threshold, exits, top_k, exit_layer)
+        return cls(default_threshold if threshold is None else threshold, top_k)
 
     def margin(self, residual_std: float) -> float:
         if self.threshold >= 1.0:
@@ -174,12 +205,21 @@ class TopKPolicy(ExitPolicy):
 
 class FixedPolicy(ExitPolicy):
     name = "fixed"
+    help = "every candidate exits at {exit_layer_flag}"
+    marker = "x"
 
     def __init__(self, exit_layer: int, exits: Sequence[int]) -> None:
         super().__init__(0.0)
         if exit_layer not in exits:
             raise OptionError("exit_layer", exit_layer, f"one of the model's exits {list(exits)}")
         self.exit_layer = exit_layer
+
+    @classmethod
+    def from_options(cls, threshold: float | None, default_threshold: float, exits: Sequence[int], top_k: int,
+                     exit_layer: int | None) -> ExitPolicy:
+        if threshold is not None:
+            logger.warning("the fixed policy ignores the threshold (%s); it exits at one layer", threshold)
+        return cls(exits[-1] if exit_layer is None else exit_layer, exits)
 
     def _decide(self, view: StageView) -> np.ndarray:
         return np.full(len(view.alive), view.exit_layer >= self.exit_layer, dtype=bool)
@@ -236,21 +276,19 @@ def run_stage_loop(n: int, n_stages: int, score_stage: StageScorer, policy: Exit
     return final, exit_stage
 
 
+#: the exit policies by name: the one source of the names (manifest schema, CLI choices and help, tuner grid, plots)
+POLICIES: dict[str, type[ExitPolicy]] = {cls.name: cls for cls in (CandidatePolicy, QueryPolicy, TopKPolicy,
+                                                                   FixedPolicy)}
+
+
+def policy_help(exit_layer_flag: str) -> str:
+    """``name (rule), ...`` for a CLI's --policy help."""
+    return ", ".join(f"{name} ({cls.help.format(exit_layer_flag=exit_layer_flag)})" for name, cls in POLICIES.items())
+
+
 def make_policy(name: str, threshold: float | None, exits: Sequence[int], default_threshold: float,
                 top_k: int = DEFAULT_TOP_K, exit_layer: int | None = None) -> ExitPolicy:
     """Build a policy by name; ``threshold`` None takes the model's default (its manifest policy threshold)."""
-    if name not in POLICY_NAMES:
-        raise OptionError("policy", name, f"one of {', '.join(POLICY_NAMES)}")
-    if exit_layer is not None and name != "fixed":
-        raise OptionError("exit_layer", exit_layer, f"no exit layer with the {name} policy (it picks each "
-                          "candidate's exit itself); add --policy fixed to exit every candidate at one layer")
-    if name == "fixed":
-        if threshold is not None:
-            logger.warning("the fixed policy ignores the threshold (%s); it exits at one layer", threshold)
-        return FixedPolicy(exits[-1] if exit_layer is None else exit_layer, exits)
-    value = default_threshold if threshold is None else threshold
-    if name == "candidate":
-        return CandidatePolicy(value)
-    if name == "query":
-        return QueryPolicy(value)
-    return TopKPolicy(value, top_k)
+    if name not in POLICIES:
+        raise OptionError("policy", name, f"one of {', '.join(POLICIES)}")
+    return POLICIES[name].from_options(threshold, default_threshold, exits, top_k, exit_layer)

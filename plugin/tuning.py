@@ -36,15 +36,12 @@ from matryoshka.io.atomic import atomic_write
 from matryoshka.metrics import ndcg_at_k
 from matryoshka.plugin.cascade import Cascade
 from matryoshka.plugin.fusion import DEFAULT_FUSION, FirstStageScoreError, check_first_stage_weight, fuse
-from matryoshka.plugin.policies import ExitPolicy, StageView, make_policy, run_stage_loop
+from matryoshka.plugin.policies import POLICIES, ExitPolicy, StageView, make_policy, run_stage_loop
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLDS: dict[str, tuple[float, ...]] = {
-    "candidate": (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999),
-    "query": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
-    "topk": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999),
-}
+#: the thresholds each tunable policy sweeps (from the policy registry)
+DEFAULT_THRESHOLDS: dict[str, tuple[float, ...]] = {name: cls.sweep for name, cls in POLICIES.items() if cls.sweep}
 DEFAULT_FIRST_STAGE_WEIGHTS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 #: rerank depths swept by default (None = every candidate)
 DEFAULT_DEPTHS: tuple[int | None, ...] = (None,)

@@ -135,3 +135,21 @@ def test_make_policy() -> None:
         make_policy("greedy", 0.5, (2, 4), 0.8)
     with pytest.raises(OptionError, match="top_k"):
         make_policy("topk", 0.5, (2, 4), 0.8, top_k=0)
+
+
+def test_the_policy_registry_is_the_one_source_of_policy_names() -> None:  # issue 16
+    import argparse
+
+    from matryoshka.plugin.manifest_schema import POLICY_NAMES
+    from matryoshka.plugin.options import add_model_options
+    from matryoshka.plugin.policies import POLICIES
+    from matryoshka.plugin.tuning import DEFAULT_THRESHOLDS
+
+    parser = argparse.ArgumentParser()
+    add_model_options(parser)
+    choices = next(a.choices for a in parser._actions if "--policy" in a.option_strings)
+    assert POLICY_NAMES == tuple(POLICIES) == tuple(choices)
+    assert set(DEFAULT_THRESHOLDS) == {name for name, cls in POLICIES.items() if cls.sweep} == {"candidate", "query",
+                                                                                              "topk"}
+    for name, cls in POLICIES.items():
+        assert cls.name == name and cls.help and make_policy(name, 0.9, (2, 4), 0.9).name == name
