@@ -31,15 +31,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "mpnet")
-DECODER_TYPES = ("llama", "mistral", "qwen2", "gemma")
-
 
 def supported_model_types() -> dict[str, str]:
-    """``model_type`` -> family, for every architecture the reranker supports."""
-    out = {t: "encoder" for t in ENCODER_TYPES}
-    out.update({t: "decoder" for t in DECODER_TYPES})
-    return out
+    """``model_type`` -> family, for every architecture the reranker supports (from :data:`ADAPTERS`)."""
+    return {model_type: adapter.family for model_type, adapter in ADAPTERS.items()}
+
+
+def decoder_model_types() -> tuple[str, ...]:
+    return tuple(t for t, family in supported_model_types().items() if family == "decoder")
 
 
 def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
@@ -183,14 +182,18 @@ def padding_position_ids(input_ids: Tensor, padding_idx: int) -> Tensor:
     return torch.cumsum(real, dim=1) * real + padding_idx
 
 
+#: Hugging Face ``model_type`` -> its adapter: the one source of the supported architectures (a new backbone
+#: family is one adapter class plus its entries here)
+ADAPTERS: dict[str, type[FamilyAdapter]] = {
+    "bert": BertLikeAdapter, "roberta": BertLikeAdapter, "xlm-roberta": BertLikeAdapter, "mpnet": MPNetAdapter,
+    "llama": DecoderAdapter, "mistral": DecoderAdapter, "qwen2": DecoderAdapter, "gemma": DecoderAdapter,
+}
+
+
 def get_adapter(model_type: str) -> FamilyAdapter:
     from matryoshka.training.config import ModelConfigError
 
-    if model_type in ("bert", "roberta", "xlm-roberta"):
-        return BertLikeAdapter(model_type)
-    if model_type == "mpnet":
-        return MPNetAdapter(model_type)
-    if model_type in DECODER_TYPES:
-        return DecoderAdapter(model_type)
+    if model_type in ADAPTERS:
+        return ADAPTERS[model_type](model_type)
     raise ModelConfigError(f"model_type={model_type!r} is not supported: expected one of "
                            f"{sorted(supported_model_types())} (choose a base model of a supported architecture)")

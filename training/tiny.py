@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from matryoshka.training.config import ModelConfigError
+from matryoshka.training.families import decoder_model_types
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ SPECIALS = {
     "qwen2": ["<unk>", "<s>", "</s>"],
     "gemma": ["<unk>", "<s>", "</s>"],
 }
-DECODERS = ("llama", "mistral", "qwen2", "gemma")
+DECODERS = decoder_model_types()
 
 
 def _tokenizer(model_type: str):

@@ -45,8 +45,9 @@ def is_decoder_config(hf_config: Any) -> bool:
     architectures = getattr(hf_config, "architectures", None) or []
     if any(str(a).endswith(DECODER_SUFFIXES) for a in architectures):
         return True
-    return str(getattr(hf_config, "model_type", "")) in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2",
-                                                           "phi3")
+    from matryoshka.training.families import decoder_model_types
+
+    return str(getattr(hf_config, "model_type", "")) in decoder_model_types()
 
 
 def load_hf_tokenizer(folder: PathLike, hf_config: Any, pooling: Pooling) -> Any:
