@@ -36,13 +36,11 @@ from pathlib import Path
 from types import CodeType, ModuleType
 from typing import Any
 
+from matryoshka.plugin.first_stages import FIRST_STAGES
+
 MIN_JAVA = 21
 OPENAI_PLACEHOLDER = "unset-placeholder-for-import"
-RERANK_MAINS = {
-    "pyserini.search.lucene.__main__": "pyserini.search.lucene",
-    "pyserini.search.faiss.__main__": "pyserini.search.faiss",
-    "pyserini.search.hybrid.__main__": "pyserini.search.hybrid",
-}
+RERANK_MAINS = {cli.main_module: package for package, cli in FIRST_STAGES.items()}
 SHIM_MAIN = "pyserini.search.__main__"
 _JAVA_MODULES = ("jnius_config", "jnius")
 _TARGETS = frozenset({*RERANK_MAINS, SHIM_MAIN, "pyserini.encode._openai", *_JAVA_MODULES})

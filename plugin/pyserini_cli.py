@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from matryoshka.errors import MatryoshkaError, OptionError
+from matryoshka.plugin.first_stages import FIRST_STAGES
 
 logger = logging.getLogger(__name__)
 
 RERANKERS = ("matryoshka",)
 PREFIX = "matryoshka."
-HYBRID_COMMANDS = ("dense", "sparse", "fusion", "run")
 GROUP_TITLE = "reranking (pyserini-matryoshka)"
 
 
@@ -97,11 +97,12 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def _segments(argv: list[str], fullname: str) -> list[tuple[str, list[int]]]:
     """Positions of arguments per (hybrid) subcommand, split the way Pyserini's hybrid main splits them."""
-    if not fullname.startswith("pyserini.search.hybrid"):
+    cli = next((c for c in FIRST_STAGES.values() if fullname.startswith(c.package)), None)
+    if cli is None or not cli.subcommands:
         return [("", list(range(len(argv))))]
     segments: list[tuple[str, list[int]]] = [("", [])]
     for i, token in enumerate(argv):
-        if token in HYBRID_COMMANDS:
+        if token in cli.subcommands:
             segments.append((token, []))
         else:
             segments[-1][1].append(i)
@@ -205,12 +206,12 @@ def rerank_search(package: str, fullname: str, run_globals: dict[str, Any]) -> N
     ns = _parser().parse_args(ours)
     if ns.reranker is None:
         raise OptionError("--reranker", None, f"one of {', '.join(RERANKERS)}")
-    hybrid = package == "pyserini.search.hybrid"
-    run_segment = "run" if hybrid else ""
+    cli = FIRST_STAGES[package]
+    run_segment = cli.run_segment
     output = find_option(theirs, "--output", run_segment, fullname)
     if output is None or not output[1]:
         raise OptionError("--output", None, "an output path: with --reranker, pass --output"
-                          + (" under the 'run' sub-command" if hybrid else ""))
+                          + (f" under the '{run_segment}' sub-command" if run_segment else ""))
     fmt = find_option(theirs, "--output-format", run_segment, fullname)
     if fmt is not None and fmt[1] != "trec":
         raise OptionError("--output-format", fmt[1], "trec (the reranker reads and writes TREC runs)")
@@ -222,12 +223,9 @@ def rerank_search(package: str, fullname: str, run_globals: dict[str, Any]) -> N
     queries = read_topics(topics[1])  # checked before the search; Pyserini reads a neutral TSV copy of them
     index, index_flag = ns.index, f"--{PREFIX}index"
     if not index and not ns.corpus:
-        if package == "pyserini.search.lucene":
-            found, index_flag = find_option(theirs, "--index", "", fullname), "--index"
-        elif hybrid:
-            found, index_flag = find_option(theirs, "--index", "sparse", fullname), "sparse --index"
-        else:
-            found = None
+        found = None
+        if cli.index_segment is not None:
+            found, index_flag = find_option(theirs, "--index", cli.index_segment, fullname), cli.index_flag
         index = found[1] if found else None
         if not index:
             raise OptionError(f"--{PREFIX}index/--{PREFIX}corpus", None, "a Lucene index with raw documents or a "
