@@ -5,8 +5,8 @@ Lucene (``LuceneIndexDocs``): ``LuceneSearcher(index).doc(docid).raw()``; a raw 
 used as is. Pyserini (and the JVM) is imported only when this source is used.
 
 Corpus (``CorpusDocs``): a BEIR ``corpus.jsonl`` (``_id``, ``title``, ``text``) or a Pyserini JsonCollection
-(``id``, ``contents``) JSON-lines file, or a folder holding ``corpus.jsonl`` or ``*.jsonl`` files. Read strictly:
-invalid JSON, a record without an id or text, a duplicate id or non-UTF-8 bytes stop with the file and line.
+(``id``, ``contents``) JSON-lines file, or a folder holding ``corpus.jsonl`` or ``*.jsonl`` files, read by the one
+strict corpus reader (:func:`matryoshka.io.beir.iter_corpus`); a duplicate id stops with the file and line.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from matryoshka.errors import DataFormatError, MissingInputError
+from matryoshka.io.beir import iter_corpus, text_of_record
 
 logger = logging.getLogger(__name__)
 
@@ -27,25 +28,6 @@ class DocumentSource(Protocol):
         """The passage text of ``docid``; None when the source does not have it."""
 
     def describe(self) -> str: ...
-
-
-def text_of_record(record: object) -> str | None:
-    """Passage text of a parsed JSON document: ``contents``, else ``title`` + ``text``; None if neither.
-
-    A field that is present must be a string: ``ValueError`` names it otherwise (null, a number, a list), never
-    its ``str()`` ("None", "['a']") scored as if it were the passage.
-    """
-    if not isinstance(record, dict):
-        return None
-    for field in ("contents", "title", "text"):
-        if field in record and not isinstance(record[field], str):
-            raise ValueError(f"'{field}' must be a string, got {json.dumps(record[field])[:40]}")
-    if "contents" in record:
-        return record["contents"]
-    if "text" in record or "title" in record:
-        title, text = record.get("title", ""), record.get("text", "")
-        return f"{title} {text}".strip() if title else text
-    return None
 
 
 class CorpusDocs:
@@ -73,37 +55,10 @@ class CorpusDocs:
         raise MissingInputError(path, "corpus file", "pass a BEIR corpus.jsonl or a JsonCollection .jsonl")
 
     def _read(self, file: Path) -> None:
-        with file.open("rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise DataFormatError(file, number, f"not valid UTF-8 ({err.reason} at byte {err.start})",
-                                          "re-encode the corpus as UTF-8") from None
-                if not line.strip():
-                    continue
-                if number == 1:
-                    line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataFormatError(file, number, f"invalid JSON ({err.msg} at column {err.colno})") from None
-                docid = record.get("_id", record.get("id")) if isinstance(record, dict) else None
-                try:
-                    text = text_of_record(record)
-                except ValueError as err:
-                    raise DataFormatError(file, number, str(err)) from None
-                if isinstance(docid, bool) or not isinstance(docid, str | int | None):
-                    raise DataFormatError(file, number, f"document id must be a string, got {json.dumps(docid)[:40]}")
-                if docid is None or text is None:
-                    raise DataFormatError(file, number, "expected a JSON object with '_id', 'title', 'text' (BEIR) "
-                                          "or 'id', 'contents' (Pyserini JsonCollection)")
-                docid = str(docid).strip()
-                if not docid:
-                    raise DataFormatError(file, number, "empty document id")
-                if docid in self.docs:
-                    raise DataFormatError(file, number, f"document id {docid!r} appears twice")
-                self.docs[docid] = text
+        for number, doc in iter_corpus(file):
+            if doc.docid in self.docs:
+                raise DataFormatError(file, number, f"document id {doc.docid!r} appears twice")
+            self.docs[doc.docid] = doc.contents
 
     def text(self, docid: str) -> str | None:
         return self.docs.get(docid)

@@ -31,10 +31,30 @@ class Document:
 Corpus = dict[str, Document]
 
 
+def text_of_record(record: object) -> str | None:
+    """Passage text of a parsed JSON document: ``contents`` (Pyserini JsonCollection), else ``title`` + ``text``
+    (BEIR); None if it has neither. A field that is present must be a string: ``ValueError`` names it otherwise
+    (null, a number, a list), never its ``str()`` ("None", "['a']") scored as if it were the passage."""
+    if not isinstance(record, dict):
+        return None
+    for name in ("contents", "title", "text"):
+        if name in record and not isinstance(record[name], str):
+            raise ValueError(f"'{name}' must be a string, got {json.dumps(record[name])[:40]}")
+    if "contents" in record:
+        return record["contents"]
+    if "text" in record or "title" in record:
+        return Document("", record.get("title", ""), record.get("text", "")).contents
+    return None
+
+
 def iter_corpus(path: PathLike) -> Iterator[tuple[int, Document]]:
+    """(line, document) of a corpus JSON-lines file, strictly: a BEIR record (``_id``, ``title``, ``text``) or a
+    Pyserini JsonCollection one (``id``, ``contents``: title empty, text = contents). Invalid UTF-8 or JSON, a
+    record without an id or text, a field that is not a string, an id that is empty or has spaces stop with the
+    file and line; a UTF-8 byte-order mark is skipped."""
     p = Path(path)
     if not p.is_file():
-        raise MissingInputError(p, "corpus file", "a BEIR folder needs corpus.jsonl")
+        raise MissingInputError(p, "corpus file", "pass a BEIR corpus.jsonl or a Pyserini JsonCollection .jsonl")
     with p.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -42,18 +62,31 @@ def iter_corpus(path: PathLike) -> Iterator[tuple[int, Document]]:
             except UnicodeDecodeError as err:
                 raise DataFormatError(p, number, f"not valid UTF-8 ({err.reason} at byte {err.start})",
                                       "re-encode the file as UTF-8") from None
+            if number == 1:
+                line = line.removeprefix("\ufeff")
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataFormatError(p, number, f"invalid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict) or "_id" not in record:
-                raise DataFormatError(p, number, "expected a JSON object with '_id', 'title' and 'text'")
-            docid = str(record["_id"]).strip()
+            docid = record.get("_id", record.get("id")) if isinstance(record, dict) else None
+            try:
+                text = text_of_record(record)
+            except ValueError as err:
+                raise DataFormatError(p, number, str(err)) from None
+            if docid is None or text is None:
+                raise DataFormatError(p, number, "expected a JSON object with '_id', 'title', 'text' (BEIR) "
+                                      "or 'id', 'contents' (Pyserini JsonCollection)")
+            if isinstance(docid, bool) or not isinstance(docid, str | int):
+                raise DataFormatError(p, number, f"document id must be a string, got {json.dumps(docid)[:40]}")
+            docid = str(docid).strip()
             if not docid or any(ch.isspace() for ch in docid):
-                raise DataFormatError(p, number, f"document id {record['_id']!r} is empty or contains spaces")
-            yield number, Document(docid, str(record.get("title") or ""), str(record.get("text") or ""))
+                raise DataFormatError(p, number, f"document id {docid!r} is empty or contains spaces")
+            if "contents" in record:
+                yield number, Document(docid, "", text)
+            else:
+                yield number, Document(docid, record.get("title", ""), record.get("text", ""))
 
 
 def load_corpus(path: PathLike) -> Corpus:
