@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from matryoshka.errors import DataFormatError, MatryoshkaError, OptionError  # noqa: E402
+from matryoshka.errors import DataFormatError, OptionError, cli_main  # noqa: E402
 from matryoshka.io import atomic_write  # noqa: E402
 from matryoshka.io.beir import BeirDataset  # noqa: E402
 from matryoshka.metrics import ndcg_at_k  # noqa: E402
@@ -191,6 +191,7 @@ def record(args: argparse.Namespace, data: Path, run_path: Path, dataset: BeirDa
     return recorded
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -198,29 +199,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     from matryoshka.io.trec import read_qrels
 
     sections = []
-    try:
-        check(args)
-        labels = args.labels * len(args.runs) if len(args.labels) == 1 else args.labels
-        for data, run_path, label in zip(args.data, args.runs, labels, strict=True):
-            dataset = load_beir(data, args.split)
-            judged = judged_queries(dataset.qrels)
-            subsets = {"all": judged}
-            if args.seen_from != "none":
-                seen = judged & seen_queries(dataset.qrels, read_qrels(qrels_path(data, args.seen_from)))
-                if seen and seen != judged:  # a split only when it splits
-                    subsets.update(seen=seen, unseen=judged - seen)
-                else:
-                    logger.info("%s: %s %s queries seen in %s", data.name, "all" if seen else "no", args.split,
-                                args.seen_from)
-            recorded = record(args, data, run_path, dataset)
-            weights = sorted(set(args.weights))
-            rows = gain_rows(recorded, dataset.qrels, weights, subsets)
-            by_depth = depth_rows(recorded, dataset.qrels, weights, [*sorted(set(args.depths)), args.depth])
-            sections.append((f"{label} top {args.depth}, {data.name} {args.split}",
-                             {n: len(q) for n, q in subsets.items()}, rows, by_depth))
-    except MatryoshkaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    check(args)
+    labels = args.labels * len(args.runs) if len(args.labels) == 1 else args.labels
+    for data, run_path, label in zip(args.data, args.runs, labels, strict=True):
+        dataset = load_beir(data, args.split)
+        judged = judged_queries(dataset.qrels)
+        subsets = {"all": judged}
+        if args.seen_from != "none":
+            seen = judged & seen_queries(dataset.qrels, read_qrels(qrels_path(data, args.seen_from)))
+            if seen and seen != judged:  # a split only when it splits
+                subsets.update(seen=seen, unseen=judged - seen)
+            else:
+                logger.info("%s: %s %s queries seen in %s", data.name, "all" if seen else "no", args.split,
+                            args.seen_from)
+        recorded = record(args, data, run_path, dataset)
+        weights = sorted(set(args.weights))
+        rows = gain_rows(recorded, dataset.qrels, weights, subsets)
+        by_depth = depth_rows(recorded, dataset.qrels, weights, [*sorted(set(args.depths)), args.depth])
+        sections.append((f"{label} top {args.depth}, {data.name} {args.split}",
+                         {n: len(q) for n, q in subsets.items()}, rows, by_depth))
     command = shlex.join(["python", "benchmarks/cascade_gain.py", *(argv if argv is not None else sys.argv[1:])])
     report = render(sections, command)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from matryoshka.errors import cli_main
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -41,38 +43,35 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from matryoshka.errors import MatryoshkaError, OptionError
+    from matryoshka.errors import OptionError
     from matryoshka.io import read_run, write_run
     from matryoshka.pipeline import bm25_search, prepare_beir
     from matryoshka.plugin.cascade import Cascade
     from matryoshka.plugin.tuning import record_run
 
-    try:
-        if args.hits < 1:
-            raise OptionError("--hits", args.hits, "a positive number of candidates per query")
-        name = args.name or args.data.name
-        chain = Cascade(args.model, precision=args.precision, threads=args.threads, batch_size=args.batch_size)
-        precision = chain.precision
-        prepared = prepare_beir(args.data, args.split, args.work, threads=args.threads)
-        args.output.mkdir(parents=True, exist_ok=True)
-        bm25_path = bm25_search(prepared.index_dir, prepared.topics, args.output / f"{name}-bm25.trec",
-                                hits=args.hits, threads=args.threads)
-        bm25 = read_run(bm25_path)
-        candidates = {qid: [e.docid for e in entries] for qid, entries in bm25.queries.items()}
-        texts = {d: prepared.dataset.corpus[d].contents for docs in candidates.values() for d in docs}
-        start = time.perf_counter()
-        recorded = record_run(chain, candidates, prepared.dataset.queries, texts)
-        seconds = time.perf_counter() - start
-        for k, exit_layer in enumerate(recorded.exits):
-            path = args.output / f"{name}-{precision}-exit{exit_layer}.trec"
-            write_run(path, recorded.to_run(recorded.exit_scores[:, k]), tag=f"{name}-{precision}-exit{exit_layer}")
-            logger.info("wrote %s", path)
-    except MatryoshkaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.hits < 1:
+        raise OptionError("--hits", args.hits, "a positive number of candidates per query")
+    name = args.name or args.data.name
+    chain = Cascade(args.model, precision=args.precision, threads=args.threads, batch_size=args.batch_size)
+    precision = chain.precision
+    prepared = prepare_beir(args.data, args.split, args.work, threads=args.threads)
+    args.output.mkdir(parents=True, exist_ok=True)
+    bm25_path = bm25_search(prepared.index_dir, prepared.topics, args.output / f"{name}-bm25.trec",
+                            hits=args.hits, threads=args.threads)
+    bm25 = read_run(bm25_path)
+    candidates = {qid: [e.docid for e in entries] for qid, entries in bm25.queries.items()}
+    texts = {d: prepared.dataset.corpus[d].contents for docs in candidates.values() for d in docs}
+    start = time.perf_counter()
+    recorded = record_run(chain, candidates, prepared.dataset.queries, texts)
+    seconds = time.perf_counter() - start
+    for k, exit_layer in enumerate(recorded.exits):
+        path = args.output / f"{name}-{precision}-exit{exit_layer}.trec"
+        write_run(path, recorded.to_run(recorded.exit_scores[:, k]), tag=f"{name}-{precision}-exit{exit_layer}")
+        logger.info("wrote %s", path)
     n = len(recorded.docids)
     print(f"recorded {n} pairs x {len(recorded.exits)} exits in {seconds:.0f} s ({n / seconds:.1f} pairs/s at full "
           f"depth, {precision}, {args.threads} threads)")

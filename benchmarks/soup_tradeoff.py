@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from matryoshka.errors import MatryoshkaError, OptionError  # noqa: E402
+from matryoshka.errors import OptionError, cli_main  # noqa: E402
 from matryoshka.io import atomic_write  # noqa: E402
 
 logger = logging.getLogger("soup_tradeoff")
@@ -77,14 +77,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        results = tradeoff(args)
-    except MatryoshkaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    results = tradeoff(args)
     command = shlex.join(["python", "benchmarks/soup_tradeoff.py", *(argv if argv is not None else sys.argv[1:])])
     report = render(args.weights, results, command)
     with atomic_write(args.output) as handle:

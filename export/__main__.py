@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from matryoshka.errors import MatryoshkaError  # noqa: E402
+from matryoshka.errors import cli_main  # noqa: E402
 
 if TYPE_CHECKING:
     from matryoshka.export.pipeline import ExportResult
@@ -85,6 +85,7 @@ def summary(result: ExportResult) -> str:
     return "\n".join(lines)
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -96,11 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             base_model_id=args.base_model_id,
                             exits=tuple(args.exits) if args.exits else None,
                             only=tuple(args.only) if args.only else None)
-    try:
-        result = export_checkpoint(args.checkpoint, args.outdir, options, progress=not args.quiet)
-    except MatryoshkaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = export_checkpoint(args.checkpoint, args.outdir, options, progress=not args.quiet)
     if not args.quiet:
         print(summary(result))
         modes = "".join(f", {p} {m}" for p, m in result.int8_modes.items())

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from matryoshka.errors import MatryoshkaError, OptionError
+from matryoshka.errors import OptionError, cli_main
 from matryoshka.pipeline import bm25_search, prepare_beir, trec_eval
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "scifact"
@@ -34,22 +34,19 @@ def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
     return "\n".join([header, *body])
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.hits < 1:
-            raise OptionError("--hits", args.hits, "a positive number of hits per query")
-        from matryoshka.plugin.session import check_threads  # the one bound on threads: the CPUs available here
+    if args.hits < 1:
+        raise OptionError("--hits", args.hits, "a positive number of hits per query")
+    from matryoshka.plugin.session import check_threads  # the one bound on threads: the CPUs available here
 
-        check_threads(args.threads, "--threads", minimum=1)
-        prepared = prepare_beir(args.data, args.split, args.work, threads=args.threads)
-        output = args.output or args.work / f"bm25-{args.data.name}-{args.split}.txt"
-        bm25_search(prepared.index_dir, prepared.topics, output, hits=args.hits, threads=args.threads)
-        metrics = trec_eval(prepared.qrels, output)
-    except MatryoshkaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    check_threads(args.threads, "--threads", minimum=1)
+    prepared = prepare_beir(args.data, args.split, args.work, threads=args.threads)
+    output = args.output or args.work / f"bm25-{args.data.name}-{args.split}.txt"
+    bm25_search(prepared.index_dir, prepared.topics, output, hits=args.hits, threads=args.threads)
+    metrics = trec_eval(prepared.qrels, output)
     print(f"\nBM25 on {args.data.name} {args.split} ({len(prepared.dataset.qrels)} queries), run: {output}\n")
     print(format_table([("BM25 (Pyserini, flat)", metrics)]))
     return 0

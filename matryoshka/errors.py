@@ -6,7 +6,13 @@ can print ``str(error)`` and exit with status 2.
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+from collections.abc import Callable
+from typing import ParamSpec
+
+P = ParamSpec("P")
 
 MAX_MESSAGE_CHARS = 1000  # a 5 MB document id must not make a 5 MB "one line"
 
@@ -48,3 +54,22 @@ class OptionError(MatryoshkaError, ValueError):
     def __init__(self, option: str, value: object, expected: str) -> None:
         self.option, self.value = option, value
         super().__init__(f"{option}={value!r} is invalid: expected {expected}")
+
+
+#: what a command-line entry point reports as one line with exit status 2 (atomic_directory raises FileExistsError)
+USER_ERRORS: tuple[type[BaseException], ...] = (MatryoshkaError, FileExistsError)
+
+
+def cli_main(main: Callable[P, int]) -> Callable[P, int]:
+    """Decorate a ``main(argv) -> int``: a user error (:data:`USER_ERRORS`) becomes ``error: <one line>`` on stderr
+    and exit status 2, the one convention of every CLI of the project."""
+
+    @functools.wraps(main)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except USER_ERRORS as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    return wrapper

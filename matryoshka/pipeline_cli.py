@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from matryoshka.bm25_cli import DEFAULT_DATA
-from matryoshka.errors import MatryoshkaError, OptionError
+from matryoshka.errors import OptionError, cli_main
 from matryoshka.io.atomic import atomic_write
 from matryoshka.pipeline import bm25_search, prepare_beir, run_pyserini, trec_eval
 
@@ -108,46 +108,43 @@ def plot(curve: dict, path: Path, title: str) -> Path:
     return path
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.hits < 1:
-            raise OptionError("--hits", args.hits, "a positive number of hits per query")
-        from matryoshka.plugin.session import check_threads  # the one bound on threads: the CPUs available here
+    if args.hits < 1:
+        raise OptionError("--hits", args.hits, "a positive number of hits per query")
+    from matryoshka.plugin.session import check_threads  # the one bound on threads: the CPUs available here
 
-        check_threads(args.threads, "--threads", minimum=1)
-        from matryoshka.plugin.api import resolve_model_dir
+    check_threads(args.threads, "--threads", minimum=1)
+    from matryoshka.plugin.api import resolve_model_dir
 
-        model = resolve_model_dir(args.model)
-        prepared = prepare_beir(args.data, args.split, args.work, threads=args.threads)
-        out = args.output_dir
-        out.mkdir(parents=True, exist_ok=True)
-        name = f"{args.data.name}-{args.split}"
-        bm25_path = bm25_search(prepared.index_dir, prepared.topics, out / f"{name}.bm25.txt", hits=args.hits,
-                                threads=args.threads)
-        cascade_path, stats_path = out / f"{name}.matryoshka.txt", out / f"{name}.matryoshka.stats.json"
-        extra = [f"--matryoshka.{k}={v}" for k, v in (("policy", args.policy), ("threshold", args.threshold))
-                 if v is not None]
-        run_pyserini("pyserini.search.lucene", [
-            "--index", prepared.index_dir, "--topics", prepared.topics, "--output", cascade_path, "--bm25",
-            "--hits", args.hits, "--threads", args.threads, "--reranker", "matryoshka", "--matryoshka.model", model,
-            "--matryoshka.threads", args.threads, "--matryoshka.stats", stats_path, *extra])
-        stats = json.loads(stats_path.read_text())
-        fused = f", + BM25 w={stats['first_stage_weight']:g}" if stats.get("first_stage_weight") else ""
-        fused += f", top {stats['depth']} reranked" if stats.get("depth") else ""
-        lines = [row("BM25 (Pyserini)", trec_eval(prepared.qrels, bm25_path), "0", "0%"),
-                 row(f"BM25 + matryoshka cascade ({stats['policy']}{fused})", trec_eval(prepared.qrels, cascade_path),
-                     f"{stats['mean_layers_per_candidate']:.2f}", f"{stats['relative_layer_cost']:.1%}",
-                     f"{stats['candidates_per_second']:.1f}", f"{stats['ms_per_query_p50']:.0f}",
-                     f"{stats['ms_per_query_p95']:.0f}")]
-        plot_path = None
-        if args.compare:
-            more, plot_path = compare(args, model, prepared, bm25_path, out)
-            lines += more
-    except MatryoshkaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model = resolve_model_dir(args.model)
+    prepared = prepare_beir(args.data, args.split, args.work, threads=args.threads)
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{args.data.name}-{args.split}"
+    bm25_path = bm25_search(prepared.index_dir, prepared.topics, out / f"{name}.bm25.txt", hits=args.hits,
+                            threads=args.threads)
+    cascade_path, stats_path = out / f"{name}.matryoshka.txt", out / f"{name}.matryoshka.stats.json"
+    extra = [f"--matryoshka.{k}={v}" for k, v in (("policy", args.policy), ("threshold", args.threshold))
+             if v is not None]
+    run_pyserini("pyserini.search.lucene", [
+        "--index", prepared.index_dir, "--topics", prepared.topics, "--output", cascade_path, "--bm25",
+        "--hits", args.hits, "--threads", args.threads, "--reranker", "matryoshka", "--matryoshka.model", model,
+        "--matryoshka.threads", args.threads, "--matryoshka.stats", stats_path, *extra])
+    stats = json.loads(stats_path.read_text())
+    fused = f", + BM25 w={stats['first_stage_weight']:g}" if stats.get("first_stage_weight") else ""
+    fused += f", top {stats['depth']} reranked" if stats.get("depth") else ""
+    lines = [row("BM25 (Pyserini)", trec_eval(prepared.qrels, bm25_path), "0", "0%"),
+             row(f"BM25 + matryoshka cascade ({stats['policy']}{fused})", trec_eval(prepared.qrels, cascade_path),
+                 f"{stats['mean_layers_per_candidate']:.2f}", f"{stats['relative_layer_cost']:.1%}",
+                 f"{stats['candidates_per_second']:.1f}", f"{stats['ms_per_query_p50']:.0f}",
+                 f"{stats['ms_per_query_p95']:.0f}")]
+    plot_path = None
+    if args.compare:
+        more, plot_path = compare(args, model, prepared, bm25_path, out)
+        lines += more
     hist = ", ".join(f"exit {k}: {v}" for k, v in stats["exit_histogram"].items())
     print(f"\n{args.data.name} {args.split}: {len(prepared.dataset.qrels)} queries, BM25 top-{args.hits}, model "
           f"{model}\n")

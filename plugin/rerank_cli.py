@@ -19,7 +19,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from matryoshka.errors import MatryoshkaError
+from matryoshka.errors import cli_main
 from matryoshka.plugin.options import (
     add_model_options,
     build_reranker,
@@ -46,19 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        check_source_path(args.index, args.corpus, "--index", "--corpus")
-        check_outputs([("--output", args.output), ("--stats", args.stats)],
-                      [("--run", args.run), ("--topics", args.topics), ("--corpus", args.corpus)])
-        reranker = build_reranker(args)
-        source = document_source(args.index, args.corpus, "--index", "--corpus")
-        rerank_file(reranker, args.run, args.topics, source, args.output, args.tag, args.depth, args.stats)
-    except MatryoshkaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    check_source_path(args.index, args.corpus, "--index", "--corpus")
+    check_outputs([("--output", args.output), ("--stats", args.stats)],
+                  [("--run", args.run), ("--topics", args.topics), ("--corpus", args.corpus)])
+    reranker = build_reranker(args)
+    source = document_source(args.index, args.corpus, "--index", "--corpus")
+    rerank_file(reranker, args.run, args.topics, source, args.output, args.tag, args.depth, args.stats)
     return 0
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from matryoshka.errors import DataFormatError, MatryoshkaError, OptionError
+from matryoshka.errors import DataFormatError, OptionError, cli_main
 from matryoshka.io import Run, read_run
 from matryoshka.io.atomic import atomic_write
 from matryoshka.plugin.cascade import Cascade
@@ -162,51 +162,48 @@ def write_choice(model_dir: str | Path, best: SweepPoint, first_stage_weight: fl
     return write_manifest(model_dir, dataclasses.replace(manifest, policy=policy))
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     max_loss = 0.01 if args.max_loss is None and args.cost is None else args.max_loss
-    try:
-        if args.split == "test":
-            raise OptionError("--split", args.split, "a dev or held-out split: tuning on test inflates its figures")
-        weights = check_weights([w for group in args.first_stage_weights for w in group])
-        # the model is checked (manifest, files, hashes) before the BM25 search, not after it
-        cascade = Cascade(args.model, precision=args.precision, threads=args.threads, batch_size=args.batch_size)
-        from matryoshka.pipeline import bm25_search, prepare_beir  # Pyserini only on this path
+    if args.split == "test":
+        raise OptionError("--split", args.split, "a dev or held-out split: tuning on test inflates its figures")
+    weights = check_weights([w for group in args.first_stage_weights for w in group])
+    # the model is checked (manifest, files, hashes) before the BM25 search, not after it
+    cascade = Cascade(args.model, precision=args.precision, threads=args.threads, batch_size=args.batch_size)
+    from matryoshka.pipeline import bm25_search, prepare_beir  # Pyserini only on this path
 
-        prepared = prepare_beir(args.data, args.split, args.work)
-        if args.run is not None:
-            run_path = args.run
-        else:
-            run_path = bm25_search(prepared.index_dir, prepared.topics, args.work / f"bm25-{args.data.name}-"
-                                   f"{args.split}-{args.hits}.txt", hits=args.hits)
-        run = read_run(run_path)
-        if args.run is not None:  # the given run's depth replaces --hits (cache key, depths, tuned_on)
-            args.hits = max((len(h) for h in run.queries.values()), default=0)
-        check_run_in_collection(run, run_path, args.data, prepared.dataset.corpus, prepared.dataset.queries,
-                                args.split)
-        candidates = sample_queries(run.queries, prepared.dataset.qrels, args.queries, args.seed)
-        # a sample is judged on its own queries only (queries of the qrels without a run would count as 0)
-        qrels = prepared.dataset.qrels if args.queries is None else {
-            q: prepared.dataset.qrels[q] for q in candidates if q in prepared.dataset.qrels}
-        texts = {e.docid: prepared.dataset.corpus[e.docid].contents for docs in candidates.values() for e in docs}
-        recorded = None
-        key = cache_key(cascade, args) if args.cache else ""
+    prepared = prepare_beir(args.data, args.split, args.work)
+    if args.run is not None:
+        run_path = args.run
+    else:
+        run_path = bm25_search(prepared.index_dir, prepared.topics, args.work / f"bm25-{args.data.name}-"
+                               f"{args.split}-{args.hits}.txt", hits=args.hits)
+    run = read_run(run_path)
+    if args.run is not None:  # the given run's depth replaces --hits (cache key, depths, tuned_on)
+        args.hits = max((len(h) for h in run.queries.values()), default=0)
+    check_run_in_collection(run, run_path, args.data, prepared.dataset.corpus, prepared.dataset.queries,
+                            args.split)
+    candidates = sample_queries(run.queries, prepared.dataset.qrels, args.queries, args.seed)
+    # a sample is judged on its own queries only (queries of the qrels without a run would count as 0)
+    qrels = prepared.dataset.qrels if args.queries is None else {
+        q: prepared.dataset.qrels[q] for q in candidates if q in prepared.dataset.qrels}
+    texts = {e.docid: prepared.dataset.corpus[e.docid].contents for docs in candidates.values() for e in docs}
+    recorded = None
+    key = cache_key(cascade, args) if args.cache else ""
+    if args.cache:
+        recorded = Recorded.load(args.cache, key)
+    if recorded is None:
+        logger.info("recording exit scores of %d pairs (%d queries)",
+                    sum(len(h) for h in candidates.values()), len(candidates))
+        recorded = record_run(cascade, candidates, prepared.dataset.queries, texts)
         if args.cache:
-            recorded = Recorded.load(args.cache, key)
-        if recorded is None:
-            logger.info("recording exit scores of %d pairs (%d queries)",
-                        sum(len(h) for h in candidates.values()), len(candidates))
-            recorded = record_run(cascade, candidates, prepared.dataset.queries, texts)
-            if args.cache:
-                recorded.save(args.cache, key)
-        recorded.fusion = args.fusion
-        # a depth >= --hits scores every candidate: the same point as 'all'
-        depths = check_depths([d if d is None or d < args.hits else None for d in args.depths])
-        result = tune(recorded, qrels, weights, max_loss=max_loss, cost_target=args.cost, depths=depths)
-    except MatryoshkaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+            recorded.save(args.cache, key)
+    recorded.fusion = args.fusion
+    # a depth >= --hits scores every candidate: the same point as 'all'
+    depths = check_depths([d if d is None or d < args.hits else None for d in args.depths])
+    result = tune(recorded, qrels, weights, max_loss=max_loss, cost_target=args.cost, depths=depths)
     full, points, best, weight = result.full_ndcg, result.points, result.best, result.first_stage_weight
     print("\n| first-stage weight | full-depth nDCG@10 |\n|---|---|")
     for w, ndcg in result.full_ndcg_by_weight.items():

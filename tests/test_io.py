@@ -281,3 +281,24 @@ def test_pyserini_topics_copy_and_qid_map(tmp_path: Path) -> None:  # issue 17 #
     run = write(tmp_path / "run.txt", "1 Q0 d1 1 2.0 t\n7 Q0 d2 1 1.0 t\n")
     restore_qids(run, back)
     assert run.read_text() == "001 Q0 d1 1 2.0 t\n7 Q0 d2 1 1.0 t\n"
+
+
+def test_cli_main_turns_user_errors_into_one_line_and_status_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from matryoshka.errors import OptionError, cli_main
+
+    @cli_main
+    def bad(argv: list[str]) -> int:
+        raise OptionError("--x", argv[0], "a good value")
+
+    @cli_main
+    def exists(argv: list[str]) -> int:
+        raise FileExistsError("out: output folder already exists")
+
+    @cli_main
+    def bug(argv: list[str]) -> int:
+        raise KeyError("not a user error")
+
+    assert bad(["1"]) == 2 and capsys.readouterr().err == "error: --x='1' is invalid: expected a good value\n"
+    assert exists([]) == 2 and "error: out: output folder already exists" in capsys.readouterr().err
+    with pytest.raises(KeyError):  # a bug stays a traceback
+        bug([])

@@ -17,9 +17,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from matryoshka.errors import MatryoshkaError
+from matryoshka.errors import cli_main
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
@@ -32,9 +33,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             (ModelArguments, DataArguments, TrainArguments), argv, prog="python -m matryoshka.training")
         trainer = Trainer(model_args, data_args, train_args)
         result = trainer.train()
-    except (MatryoshkaError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from matryoshka.errors import MatryoshkaError, MissingInputError, OptionError
+from matryoshka.errors import MatryoshkaError, MissingInputError, OptionError, cli_main
 from matryoshka.io import atomic_write, load_beir, read_run, write_run, write_trec_qrels
 from matryoshka.io.beir import BeirDataset
 
@@ -193,16 +193,13 @@ def _model_runs(model_dir: str, dataset: BeirDataset, hits: Mapping[str, Sequenc
     return out
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     from matryoshka.training.arguments import parse_arguments
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        (args,) = parse_arguments((EvaluateArguments,), argv, prog="python -m matryoshka.training.evaluate")
-        rows = evaluate(args)
-    except MatryoshkaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    (args,) = parse_arguments((EvaluateArguments,), argv, prog="python -m matryoshka.training.evaluate")
+    rows = evaluate(args)
     if rows:
         source = f"runs in {args.runs_only_from}" if args.runs_only_from else f"reranking the top-{args.depth} of " \
             f"{args.run or 'Pyserini BM25'}"

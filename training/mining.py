@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from matryoshka.errors import MatryoshkaError, OptionError
+from matryoshka.errors import OptionError, cli_main
 from matryoshka.io import Document, load_beir, read_run, write_topics
 from matryoshka.pipeline import bm25_search, prepare_beir
 from matryoshka.training.data import TrainingDataError, TrainingQuery, write_training_set
@@ -150,16 +150,13 @@ def run(args: MiningArguments) -> Path:
     return write_training_set(args.output, queries, corpus, meta, overwrite=args.overwrite)
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     from matryoshka.training.arguments import parse_arguments
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        (args,) = parse_arguments((MiningArguments,), argv, prog="python -m matryoshka.training.mining")
-        out = run(args)
-    except (MatryoshkaError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    (args,) = parse_arguments((MiningArguments,), argv, prog="python -m matryoshka.training.mining")
+    out = run(args)
     print(f"training set written to {out}")
     return 0
 

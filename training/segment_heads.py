@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from matryoshka.errors import MatryoshkaError, OptionError
+from matryoshka.errors import OptionError, cli_main
 from matryoshka.io import atomic_write
 from matryoshka.training.data import TrainingSet, load_training_set
 from matryoshka.training.modeling import LayerwiseReranker
@@ -277,16 +277,13 @@ def _resume(out: Path, modules: nn.ModuleDict, optimizer: torch.optim.Optimizer,
     return int(state["step"])
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     from matryoshka.training.arguments import parse_arguments
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        (args,) = parse_arguments((SegmentHeadArguments,), argv, prog="python -m matryoshka.training.segment_heads")
-        folder = train(args)
-    except MatryoshkaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    (args,) = parse_arguments((SegmentHeadArguments,), argv, prog="python -m matryoshka.training.segment_heads")
+    folder = train(args)
     print(f"reranker written to {folder}")
     return 0
 

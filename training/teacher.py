@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from matryoshka.errors import MatryoshkaError, MissingInputError, OptionError
+from matryoshka.errors import MissingInputError, OptionError, cli_main
 from matryoshka.io import atomic_write
 from matryoshka.training.data import TrainingSet, load_training_set, write_teacher_scores
 
@@ -151,19 +151,16 @@ def teacher_for_training_set(training_set: TrainingSet, encoder: BiEncoder, bm25
     return scores
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     from matryoshka.training.arguments import parse_arguments
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        (args,) = parse_arguments((TeacherArguments,), argv, prog="python -m matryoshka.training.teacher")
-        training_set = load_training_set(args.training_set)
-        encoder = BiEncoder(args.encoder, args.max_length, args.batch_size, args.device, args.cache_dir or None)
-        scores = teacher_for_training_set(training_set, encoder, args.bm25_weight)
-        write_teacher_scores(args.output, scores)
-    except MatryoshkaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    (args,) = parse_arguments((TeacherArguments,), argv, prog="python -m matryoshka.training.teacher")
+    training_set = load_training_set(args.training_set)
+    encoder = BiEncoder(args.encoder, args.max_length, args.batch_size, args.device, args.cache_dir or None)
+    scores = teacher_for_training_set(training_set, encoder, args.bm25_weight)
+    write_teacher_scores(args.output, scores)
     print(f"teacher scores for {len(scores)} queries written to {args.output}")
     return 0
 

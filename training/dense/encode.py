@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from matryoshka.errors import DataFormatError, MatryoshkaError, OptionError
+from matryoshka.errors import DataFormatError, OptionError, cli_main
 from matryoshka.io import atomic_directory, load_corpus
 from matryoshka.pipeline import PyseriniCommandError
 from matryoshka.training.dense.pyserini_args import EncodingSpec, faiss_search_args, hybrid_search_args
@@ -154,24 +154,21 @@ def encode_corpus(spec: EncodingSpec, corpus: PathLike, output: PathLike, batch_
     return output
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     from matryoshka.training.arguments import parse_arguments
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        (args,) = parse_arguments((EncodeArguments,), argv, prog="python -m matryoshka.training.dense.encode")
-        spec = EncodingSpec.from_folder(args.model, args.pooling, args.normalize, args.query_prefix,
-                                        args.passage_prefix, args.max_length)
-        if args.reuse_index:
-            from matryoshka.training.dense.reuse import reuse_index
+    (args,) = parse_arguments((EncodeArguments,), argv, prog="python -m matryoshka.training.dense.encode")
+    spec = EncodingSpec.from_folder(args.model, args.pooling, args.normalize, args.query_prefix,
+                                    args.passage_prefix, args.max_length)
+    if args.reuse_index:
+        from matryoshka.training.dense.reuse import reuse_index
 
-            out = reuse_index(spec, args.corpus, args.reuse_index, args.output, args.overwrite)
-        else:
-            out = encode_corpus(spec, args.corpus, args.output, args.batch_size, args.device, args.overwrite,
-                                args.skip_empty)
-    except (MatryoshkaError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        out = reuse_index(spec, args.corpus, args.reuse_index, args.output, args.overwrite)
+    else:
+        out = encode_corpus(spec, args.corpus, args.output, args.batch_size, args.device, args.overwrite,
+                            args.skip_empty)
     faiss_cmd = shlex.join(["python", "-m", "pyserini.search.faiss", *faiss_search_args(spec, out, "TOPICS", "RUN")])
     hybrid_cmd = shlex.join(["python", "-m", "pyserini.search.hybrid",
                              *hybrid_search_args(spec, out, "LUCENE_INDEX", "TOPICS", "RUN")])

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from matryoshka.errors import MatryoshkaError, MissingInputError, OptionError
+from matryoshka.errors import MissingInputError, OptionError, cli_main
 from matryoshka.io import atomic_write
 from matryoshka.metrics import ndcg_of_ranking
 
@@ -121,14 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return select(args)
-    except MatryoshkaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return select(args)
 
 
 def select(args: argparse.Namespace) -> int:
