@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from matryoshka.checks import is_int
 from matryoshka.errors import MatryoshkaError, MissingInputError
 from matryoshka.io.trec import Run, RunEntry, sort_hits
 from matryoshka.plugin.cascade import Cascade, CascadeResult
@@ -249,7 +250,7 @@ class MatryoshkaReranker:
         if isinstance(documents, str | bytes) or not isinstance(documents, Sequence | Iterable):
             raise InputTextError(f"documents must be a list of strings, got {type(documents).__name__} "
                                  "(wrap a single document in a list)")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and not is_int(top_k, 1):
             raise InputTextError(f"top_k must be None (all documents) or an integer >= 1, got {top_k!r}")
         docs = [check_text(d, f"document {i}", allow_empty=True) for i, d in enumerate(documents)]
         if first_stage_scores is not None and len(first_stage_scores) != len(docs):

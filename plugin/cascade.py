@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from matryoshka.checks import is_int
 from matryoshka.errors import MatryoshkaError, OptionError
 from matryoshka.layout import PairLayout, prepare_tokenizer
 from matryoshka.plugin.fusion import DEFAULT_FUSION
@@ -72,7 +73,7 @@ PER_CALL_SCALED = frozenset({"int8"})
 
 
 def check_batch_size(batch_size: int) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size, 1):
         raise OptionError("batch_size", batch_size, "an integer >= 1")
     return batch_size
 

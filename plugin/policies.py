@@ -36,6 +36,7 @@ from statistics import NormalDist
 
 import numpy as np
 
+from matryoshka.checks import is_int
 from matryoshka.errors import OptionError
 from matryoshka.plugin.fusion import DEFAULT_FUSION, NORMALIZATIONS, fuse
 
@@ -166,7 +167,7 @@ class TopKPolicy(ExitPolicy):
 
     def __init__(self, threshold: float, k: int = DEFAULT_TOP_K) -> None:
         super().__init__(threshold)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if not is_int(k, 1):
             raise OptionError("top_k", k, "an integer >= 1")
         self.k = k
 
@@ -238,7 +239,7 @@ def check_depth(depth: object, option: str = "depth") -> int | None:
     """A rerank depth: None (not given), 0 (all candidates) or a positive number of candidates per query."""
     if depth is None:
         return None
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+    if not is_int(depth, 0):
         raise OptionError(option, depth, "an integer >= 1 (candidates reranked per query), or 0 for all of them")
     return depth
 

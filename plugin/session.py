@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
+from matryoshka.checks import is_int
 from matryoshka.errors import MatryoshkaError, OptionError
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def check_threads(threads: int | None, option: str = "threads", minimum: int = 0
     if threads is None:
         return None
     cpus = available_cpus()
-    if isinstance(threads, bool) or not isinstance(threads, int) or not minimum <= threads <= cpus:
+    if not is_int(threads, minimum, cpus):
         low = "0 (onnxruntime's default)" if minimum == 0 else str(minimum)
         raise OptionError(option, threads, f"an integer from {low} to {cpus} (the CPUs available here)")
     return threads

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from matryoshka.checks import is_int
 from matryoshka.errors import DataFormatError, OptionError
 from matryoshka.io.atomic import atomic_write
 from matryoshka.metrics import ndcg_at_k
@@ -283,7 +284,7 @@ def check_depths(depths: Sequence[int | None], option: str = "--depths") -> tupl
     if not values:
         raise OptionError(option, list(depths), "at least one depth (all, or an integer >= 1)")
     for depth in values:
-        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        if depth is not None and not is_int(depth, 1):
             raise OptionError(option, depth, "all, or an integer >= 1 (candidates reranked per query)")
     return values
 

@@ -302,3 +302,10 @@ def test_cli_main_turns_user_errors_into_one_line_and_status_2(capsys: pytest.Ca
     assert exists([]) == 2 and "error: out: output folder already exists" in capsys.readouterr().err
     with pytest.raises(KeyError):  # a bug stays a traceback
         bug([])
+
+
+def test_is_int_is_the_one_integer_check() -> None:
+    from matryoshka.checks import is_int
+
+    assert is_int(3) and is_int(3, 1) and is_int(3, 1, 3) and is_int(-2)
+    assert not any([is_int(True), is_int(1.0), is_int("3"), is_int(None), is_int(0, 1), is_int(4, 1, 3)])

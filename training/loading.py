@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from matryoshka.checks import is_int
 from matryoshka.errors import MissingInputError
 from matryoshka.layout import PairLayout, decoder_layout, encoder_layout, lcm_of, prepare_tokenizer
 from matryoshka.training.config import TOKENIZER_FILE, ModelConfigError, RerankerConfig
@@ -35,7 +36,7 @@ DROPPED_CONFIG_KEYS = ("quantization_config", "_name_or_path", "transformers_ver
 def default_exits(num_layers: int, start_layer: int | None = None) -> tuple[int, ...]:
     """Every layer from ``start_layer`` on, or (no start layer) the thirds ``[L//3, 2L//3, L]``."""
     if start_layer is not None:
-        if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 1 <= start_layer <= num_layers:
+        if not is_int(start_layer, 1, num_layers):
             raise ModelConfigError(f"start_layer={start_layer!r} is invalid: expected an integer in 1..{num_layers}")
         return tuple(range(start_layer, num_layers + 1))
     return tuple(sorted({max(1, num_layers * k // 3) for k in (1, 2, 3)}))

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from matryoshka.checks import is_int
 from matryoshka.errors import OptionError, cli_main
 from matryoshka.io import atomic_write
 from matryoshka.training.data import TrainingSet, load_training_set
@@ -76,7 +77,7 @@ class SegmentHeadArguments:
         positive = ("group_size", "queries_per_step", "max_steps", "encode_batch_size")
         for name in positive:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value, 1):
                 raise OptionError(name, value, "an integer >= 1")
         if self.group_size < 2:
             raise OptionError("group_size", self.group_size, "an integer >= 2 (a positive and a candidate)")

@@ -24,6 +24,7 @@ from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
+from matryoshka.checks import is_int
 from matryoshka.errors import DataFormatError, MatryoshkaError, MissingInputError
 from matryoshka.io import atomic_write
 from matryoshka.io.jsonfile import read_json_object
@@ -102,7 +103,7 @@ class DenseConfig:
         self.mode = parse_enum(TrainingMode, "mode", self.mode)
         for name in ("query_max_length", "passage_max_length"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            if not is_int(value, 2):
                 raise DenseConfigError(f"{name}={value!r} is invalid: expected an integer >= 2 (tokens)")
         if not isinstance(self.temperature, int | float) or not self.temperature > 0:
             raise DenseConfigError(f"temperature={self.temperature!r} is invalid: expected a number > 0")

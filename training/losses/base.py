@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from matryoshka.checks import is_int
 from matryoshka.errors import MatryoshkaError
 
 
@@ -48,7 +49,7 @@ def as_groups(scores: Tensor, group_size: int) -> Tensor:
     """``[E, B]`` -> ``[E, B / group_size, group_size]``, with a clear error when the shapes do not fit."""
     if scores.dim() != 2:
         raise LossInputError(f"scores shape {tuple(scores.shape)} is invalid: expected [exits, batch]")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+    if not is_int(group_size, 1):
         raise LossInputError(f"group_size={group_size!r} is invalid: expected an integer >= 1")
     if scores.shape[1] == 0 or scores.shape[1] % group_size:
         raise LossInputError(f"batch of {scores.shape[1]} pairs is not a whole number of groups of {group_size}: "
