@@ -247,7 +247,7 @@ class MatryoshkaReranker:
         without, they are the model's scores. ``documents`` is a sequence of strings (a bare string is refused, not
         ranked character by character); ``top_k`` is None (all) or an integer >= 1."""
         check_text(query, "query", allow_empty=False)
-        if isinstance(documents, str | bytes) or not isinstance(documents, Sequence | Iterable):
+        if isinstance(documents, str | bytes) or not isinstance(documents, Iterable):
             raise InputTextError(f"documents must be a list of strings, got {type(documents).__name__} "
                                  "(wrap a single document in a list)")
         if top_k is not None and not is_int(top_k, 1):

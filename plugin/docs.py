@@ -67,15 +67,20 @@ class CorpusDocs:
         return f"corpus {self.path}"
 
 
+def check_lucene_index(index: Path, fix: str) -> None:
+    """MissingInputError unless ``index`` is a folder holding a Lucene index (a ``segments_N`` file, what Lucene's
+    DirectoryReader looks for first); ``fix`` says what to pass instead. Needs no JVM."""
+    if not index.is_dir():
+        raise MissingInputError(index, "Lucene index folder", f"{fix} (prebuilt index names are not downloaded)")
+    if not any(index.glob("segments_*")):
+        raise MissingInputError(index, "Lucene index (no segments_N file)", f"{fix}: a folder written by "
+                                "pyserini.index.lucene")
+
+
 class LuceneIndexDocs:
     def __init__(self, index: str | os.PathLike[str]) -> None:
         self.index = Path(index)
-        if not self.index.is_dir():
-            raise MissingInputError(self.index, "Lucene index folder", "pass a local index built with -storeRaw "
-                                    "(prebuilt index names are not downloaded here)")
-        if not any(self.index.glob("segments_*")):  # what Lucene's DirectoryReader looks for first
-            raise MissingInputError(self.index, "Lucene index (no segments_N file)", "pass a folder written by "
-                                    "pyserini.index.lucene with -storeRaw, or --corpus FILE")
+        check_lucene_index(self.index, "pass a local index built with -storeRaw, or --corpus FILE")
         from pyserini.search.lucene import LuceneSearcher  # lazy: starts the JVM
 
         self.searcher = LuceneSearcher(str(self.index))

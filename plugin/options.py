@@ -13,7 +13,7 @@ from matryoshka.errors import DataFormatError, MissingInputError, OptionError
 from matryoshka.io.atomic import NotRegularFileError, check_regular_target
 from matryoshka.io.trec import read_run, read_topics, write_run
 from matryoshka.plugin.api import MatryoshkaReranker, MissingDocumentError
-from matryoshka.plugin.docs import CorpusDocs, DocumentSource, LuceneIndexDocs
+from matryoshka.plugin.docs import CorpusDocs, DocumentSource, LuceneIndexDocs, check_lucene_index
 from matryoshka.plugin.fusion import NORMALIZATIONS, check_first_stage_weight
 from matryoshka.plugin.manifest import POLICY_NAMES
 from matryoshka.plugin.policies import (
@@ -103,12 +103,8 @@ def document_source(index: str | None, corpus: str | None, index_flag: str, corp
 
 def check_source_path(index: str | None, corpus: str | None, index_flag: str, corpus_flag: str) -> None:
     """Fail early (before any search) when a document source path does not exist."""
-    if index and not Path(index).is_dir():
-        raise MissingInputError(index, "Lucene index folder", f"{index_flag} must be a local index built with "
-                                "-storeRaw (index names are not downloaded)")
-    if index and not any(Path(index).glob("segments_*")):
-        raise MissingInputError(index, "Lucene index (no segments_N file)", f"{index_flag} must be a folder written "
-                                "by pyserini.index.lucene with -storeRaw")
+    if index:
+        check_lucene_index(Path(index), f"{index_flag} must be a local index built with -storeRaw")
     if corpus and not Path(corpus).exists():
         raise MissingInputError(corpus, "corpus file", f"{corpus_flag} must be a BEIR corpus.jsonl or a Pyserini "
                                 "JsonCollection .jsonl")

@@ -70,6 +70,11 @@ def resolve_providers(providers: str | Sequence[str] | None) -> list[str]:
     return resolved
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask, else ``os.cpu_count()``)."""
     try:
@@ -109,7 +114,7 @@ class StageSession:
         try:
             values = self.session.run(self.outputs, arrays)
         except ORT_ERRORS as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = _first_line(err)
             shapes = ", ".join(f"{name} {tuple(a.shape)}" for name, a in arrays.items())
             raise StageLoadError(f"{self.path}: onnxruntime failed on inputs {shapes} ({first}); check the "
                                  "manifest's layout (max_length within the model's positions) or re-export") from None
@@ -129,7 +134,7 @@ def open_stage(path: Path, providers: Sequence[str], threads: int | None, allowe
     try:
         session = ort.InferenceSession(os.fspath(path), sess_options=options, providers=list(providers))
     except ORT_ERRORS as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = _first_line(err)
         raise StageLoadError(f"{path}: onnxruntime cannot load this stage ({first}); re-export the model") from None
     inputs = {}
     for meta in session.get_inputs():
