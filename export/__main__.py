@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from matryoshka.errors import cli_main  # noqa: E402
+from matryoshka.plugin.manifest_schema import STAGE_CONTRACTS  # noqa: E402
 
 if TYPE_CHECKING:
     from matryoshka.export.pipeline import ExportResult
@@ -41,6 +42,7 @@ class ExportArgs:
     only: list[str] | None = None
     name: str | None = None
     base_model_id: str | None = None
+    encoding: str = "pair"
     quiet: bool = False
     verbose: bool = False
 
@@ -60,6 +62,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ExportArgs:
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; default 17)")
     parser.add_argument("--no-full-graph", dest="full_graph", action="store_false",
                         help="skip the single full-depth graph (the baseline the cascade is compared with)")
+    parser.add_argument("--encoding", choices=list(STAGE_CONTRACTS), default="pair",
+                        help="stage contract: pair (a stage reads whole pairs; default) or segments (a stage encodes "
+                             "one query or passage, so each query is encoded once per stage, not once per candidate; "
+                             "checkpoints trained with attention='segments' and readout='cosine'; no full graph)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists")
     parser.add_argument("--exits", type=int, nargs="+", default=None, metavar="LAYER",
                         help="export only these exits of the checkpoint (ascending, ending with the last layer), "
@@ -94,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     options = ExportOptions(int8=args.int8, int8_mode=args.int8_mode, fp16=args.fp16, optimize=args.optimize,
                             opset=args.opset, full_graph=args.full_graph, overwrite=args.overwrite, name=args.name,
-                            base_model_id=args.base_model_id,
+                            base_model_id=args.base_model_id, encoding=args.encoding,
                             exits=tuple(args.exits) if args.exits else None,
                             only=tuple(args.only) if args.only else None)
     result = export_checkpoint(args.checkpoint, args.outdir, options, progress=not args.quiet)

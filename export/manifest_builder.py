@@ -69,7 +69,7 @@ def _files(folder: Path, spec: GraphSpec, reports: Mapping[str, Sequence[FileRep
 
 def build_manifest(folder: Path, model: LayerwiseReranker, checkpoint: Path, stages: Sequence[GraphSpec],
                    full: GraphSpec | None, reports: Mapping[str, Sequence[FileReport]], name: str | None,
-                   base_model_id: str | None = None) -> Manifest:
+                   base_model_id: str | None = None, encoding: str = "pair") -> Manifest:
     """Describe every file in ``folder`` (hashes, validated tolerances) and write ``folder/manifest.json``."""
     config = model.config
     layout = config.pair_layout()
@@ -98,6 +98,7 @@ def build_manifest(folder: Path, model: LayerwiseReranker, checkpoint: Path, sta
         calibration=calibration(model),
         policy=PolicySpec(),
         full_graph=full_entry,
+        encoding=encoding,
     )
     path = write_manifest(folder, manifest)
     logger.info("wrote %s (%d stages, precisions %s, default %s)", path, len(stage_entries), list(reports), default)

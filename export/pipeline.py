@@ -19,14 +19,21 @@ from matryoshka.errors import MatryoshkaError
 from matryoshka.export.checkpoint import check_checkpoint, check_output, load_for_export
 from matryoshka.export.errors import ExportError
 from matryoshka.export.manifest_builder import build_manifest
-from matryoshka.export.reference import Batch, StageOutput, graph_inputs, make_batch, reference_outputs
+from matryoshka.export.reference import (
+    Batch,
+    StageOutput,
+    graph_inputs,
+    make_batch,
+    reference_outputs,
+    segment_batch,
+)
 from matryoshka.export.spec import GraphSpec, full_graph_spec, stage_specs
 from matryoshka.export.torch_export import MIN_OPSET, export_graph, max_opset
 from matryoshka.export.validate import DEFAULT_CRITERIA, Criteria, FileReport, enforce, validate_precision
 from matryoshka.export.variants import INT8_MODES, convert_fp16, optimize, quantize_int8
 from matryoshka.io import atomic_directory
 from matryoshka.layout import PairLayout
-from matryoshka.plugin.manifest import Manifest, load_manifest
+from matryoshka.plugin.manifest import STAGE_CONTRACTS, Manifest, load_manifest
 from matryoshka.training.config import TOKENIZER_FILE
 from matryoshka.training.modeling import LayerwiseReranker
 
@@ -51,6 +58,9 @@ class ExportOptions:
     #: precisions written to the folder (None: all produced); fp32 is always produced and validated, since every
     #: variant derives from it, but can be left out of a shipped folder (``--only int8``)
     only: tuple[str, ...] | None = None
+    #: the stage contract: "pair" (a stage reads whole pairs) or "segments" (a stage encodes one query or passage and
+    #: scores passages against the query's embedding; needs a checkpoint with attention="segments", readout="cosine")
+    encoding: str = "pair"
     #: per-precision pass criteria; precisions not listed use DEFAULT_CRITERIA
     criteria: dict[str, Criteria] = field(default_factory=lambda: dict(DEFAULT_CRITERIA))
 
@@ -163,10 +173,14 @@ def export_checkpoint(checkpoint: str | Path, outdir: str | Path, options: Expor
                 raise ExportError(f"--exits: {exc}") from None
         step("model loaded")
         config = model.config
-        stages = stage_specs(config.exits, _compression(model))
-        full = full_graph_spec(config.num_layers, _compression(model)) if options.full_graph else None
+        _check_encoding(model, options)
+        stages = stage_specs(config.exits, _compression(model), options.encoding)
+        full = (full_graph_spec(config.num_layers, _compression(model))
+                if options.full_graph and options.encoding == "pair" else None)
         layout = config.pair_layout()
         sample, batches = sample_batches(layout, _vocab_size(model), options.seed)
+        if options.encoding == "segments":
+            sample, batches = segment_batch(model, sample), [segment_batch(model, b) for b in batches]
         reference = [(batch, reference_outputs(model, stages, batch)) for batch in batches]
         with atomic_directory(outdir, overwrite=options.overwrite) as tmp:
             shutil.copyfile(checkpoint / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
@@ -190,7 +204,7 @@ def export_checkpoint(checkpoint: str | Path, outdir: str | Path, options: Expor
                 _drop(precision, stages, full, tmp)
                 del reports[precision]
             manifest = build_manifest(tmp, model, checkpoint, stages, full, reports, options.name,
-                                      options.base_model_id)
+                                      options.base_model_id, options.encoding)
             load_manifest(tmp, verify=True)
             _share(tmp)
             step("manifest written")
@@ -198,6 +212,18 @@ def export_checkpoint(checkpoint: str | Path, outdir: str | Path, options: Expor
         return ExportResult(outdir, manifest, all_reports, modes)
     finally:
         bar.close()
+
+
+def _check_encoding(model: LayerwiseReranker, options: ExportOptions) -> None:
+    if options.encoding not in STAGE_CONTRACTS:
+        raise ExportError(f"--encoding {options.encoding} is invalid: expected one of {', '.join(STAGE_CONTRACTS)}")
+    config = model.config
+    if options.encoding == "segments" and (config.attention != "segments" or config.readout != "cosine"
+                                           or config.inference_compression is not None):
+        raise ExportError(f"--encoding segments needs a checkpoint with attention='segments', readout='cosine' and "
+                          f"no inference compression; got attention={config.attention!r}, readout="
+                          f"{config.readout!r}, compression={config.inference_compression}; export it with "
+                          "--encoding pair")
 
 
 def _torch_version() -> str:

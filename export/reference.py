@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from matryoshka.export.spec import GraphSpec
 from matryoshka.layout import PairLayout
-from matryoshka.training.modeling import LayerwiseReranker, State
+from matryoshka.training.modeling import LayerwiseReranker, State, segment_embedding
 
 Batch = dict[str, np.ndarray]
 
@@ -37,6 +37,8 @@ class GraphModule(nn.Module):
 
     def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         values = dict(zip(self.spec.input_names, tensors, strict=True))
+        if self.spec.segments:
+            return self._segment_forward(values)
         if self.spec.first:
             state = self.model.embed(input_ids=values["input_ids"], attention_mask=values["attention_mask"],
                                      token_type_ids=values["token_type_ids"], position_ids=values["position_ids"])
@@ -48,6 +50,16 @@ class GraphModule(nn.Module):
         if self.spec.is_full:
             return (score,)
         return state.hidden_states, state.attention_mask, state.position_ids, score
+
+    def _segment_forward(self, values: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        if self.spec.first:
+            state = self.model.embed_segment(values["input_ids"], values["attention_mask"])
+        else:
+            state = State(values["hidden_states"], values["attention_mask"], values["position_ids"])
+        state = self.model.run_segment_layers(state, self.spec.start, self.spec.end)
+        embedding = segment_embedding(state)
+        score = self.model.segment_score(values["query_embedding"], embedding, self.spec.exit_layer)
+        return state.hidden_states, state.attention_mask, state.position_ids, embedding, score
 
 
 def make_batch(layout: PairLayout, passage_lengths: Sequence[int], vocab_size: int, seed: int,
@@ -77,6 +89,38 @@ def make_batch(layout: PairLayout, passage_lengths: Sequence[int], vocab_size: i
     return batch
 
 
+def query_embedding_key(stage_index: int) -> str:
+    """The key under which a segment batch holds the query embeddings stage ``stage_index`` reads."""
+    return f"query_embedding.{stage_index}"
+
+
+@torch.inference_mode()
+def segment_batch(model: LayerwiseReranker, pairs: Batch) -> Batch:
+    """A pair batch (:func:`make_batch`) recast for ``encoding="segments"`` graphs: the passage segments (segment
+    B's columns, trimmed to the longest) as ``input_ids``/``attention_mask``/``position_ids``, and per stage k the
+    PyTorch embedding at exit k of each row's query segment (:func:`query_embedding_key`)."""
+    split = model.layout.query_length
+    mask = pairs["attention_mask"][:, split:]
+    width = max(int(mask.sum(axis=1).max()), 1)
+    ids, mask = pairs["input_ids"][:, split:split + width], mask[:, :width]
+    batch = {"input_ids": np.ascontiguousarray(ids), "attention_mask": np.ascontiguousarray(mask),
+             "position_ids": np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape).copy()}
+    query = {k: torch.from_numpy(np.ascontiguousarray(pairs[k][:, :split])) for k in ("input_ids", "attention_mask")}
+    means = model.encode_segment(query["input_ids"], query["attention_mask"])
+    for k, exit_layer in enumerate(model.config.exits):
+        batch[query_embedding_key(k)] = means[exit_layer].numpy()
+    return batch
+
+
+def stage_feed(spec: GraphSpec, values: Batch, batch: Batch) -> Batch:
+    """The inputs of ``spec`` from ``values`` (token ids or the previous stage's state) plus, for a segment stage,
+    the query embeddings of its exit from ``batch`` (:func:`segment_batch`)."""
+    feed = {name: values[name] for name in spec.input_names if name != "query_embedding"}
+    if spec.segments:
+        feed["query_embedding"] = batch[query_embedding_key(spec.index)]
+    return feed
+
+
 def to_tensors(spec: GraphSpec, batch: Batch) -> tuple[Tensor, ...]:
     return tuple(torch.from_numpy(np.ascontiguousarray(batch[name])) for name in spec.input_names)
 
@@ -88,7 +132,7 @@ def reference_outputs(model: LayerwiseReranker, stages: Sequence[GraphSpec], bat
     state_values: dict[str, np.ndarray] = batch
     for spec in stages:
         module = GraphModule(model, spec).eval()
-        result = module(*to_tensors(spec, state_values))
+        result = module(*to_tensors(spec, stage_feed(spec, state_values, batch)))
         arrays = {name: t.detach().cpu().numpy() for name, t in zip(spec.output_names, result, strict=True)}
         outputs.append(StageOutput(arrays))
         state_values = state_feed(arrays)
@@ -106,5 +150,6 @@ def graph_inputs(model: LayerwiseReranker, graphs: Sequence[GraphSpec], batch: B
     outputs = reference_outputs(model, stages, batch)
     feeds = {}
     for graph in graphs:
-        feeds[graph.name] = batch if graph.first else state_feed(outputs[graph.index - 1].arrays)
+        values = batch if graph.first else state_feed(outputs[graph.index - 1].arrays)
+        feeds[graph.name] = values if graph.is_full else stage_feed(graph, values, batch)
     return feeds

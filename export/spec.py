@@ -2,7 +2,8 @@
 ``OnnxConfig``): the exporter, the validator and the manifest all read them from here.
 
 Stage k runs the 0-based layers ``[exits[k-1], exits[k])`` (stage 0 from layer 0, including the embeddings) and
-returns the state for the next stage plus the compensated score of exit ``exits[k]``. The full graph runs every layer
+returns the state for the next stage plus the compensated score of exit ``exits[k]``; with ``encoding="segments"``
+it runs them on one segment and also returns the segment's ``embedding`` (its score is against ``query_embedding``). The full graph runs every layer
 and returns only the score. Names follow ``matryoshka.plugin.manifest`` (the schema owner).
 """
 
@@ -12,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from matryoshka.plugin.manifest import FIRST_STAGE_INPUTS, STAGE_OUTPUTS, STATE_INPUTS
+from matryoshka.plugin.manifest import STAGE_CONTRACTS
 
 DType = Literal["int64", "float32"]
 BATCH, SEQUENCE, SEQUENCE_OUT, HIDDEN = "batch", "sequence", "sequence_out", "hidden"
@@ -43,6 +44,11 @@ class GraphSpec:
     compression: Mapping[str, int] | None  # the inference compression this graph applies, if it crosses its layer
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    encoding: str = "pair"  # "segments": the graph encodes one segment and scores it against query_embedding
+
+    @property
+    def segments(self) -> bool:
+        return self.encoding == "segments"
 
     @property
     def input_names(self) -> list[str]:
@@ -69,25 +75,22 @@ class GraphSpec:
         return f"{precision}/{self.name}.onnx"
 
 
-def _token_inputs() -> tuple[TensorSpec, ...]:
-    specs = {name: TensorSpec(name, "int64", (BATCH, SEQUENCE)) for name in FIRST_STAGE_INPUTS}
-    return tuple(specs[name] for name in FIRST_STAGE_INPUTS)
+#: every tensor a graph may read or write, by name (``S`` is ``sequence_out`` for outputs of a compressing stage)
+def _tensor(name: str, compresses: bool = False) -> TensorSpec:
+    seq = SEQUENCE_OUT if compresses and name.endswith("_out") else SEQUENCE
+    if name in ("hidden_states", "hidden_states_out"):
+        return TensorSpec(name, "float32", (BATCH, seq, HIDDEN))
+    if name in ("query_embedding", "embedding"):
+        return TensorSpec(name, "float32", (BATCH, HIDDEN))
+    if name == "score":
+        return TensorSpec(name, "float32", (BATCH,))
+    return TensorSpec(name, "int64", (BATCH, seq))  # token ids, masks, positions
 
 
-def _state_inputs() -> tuple[TensorSpec, ...]:
-    specs = {"hidden_states": TensorSpec("hidden_states", "float32", (BATCH, SEQUENCE, HIDDEN)),
-             "attention_mask": TensorSpec("attention_mask", "int64", (BATCH, SEQUENCE)),
-             "position_ids": TensorSpec("position_ids", "int64", (BATCH, SEQUENCE))}
-    return tuple(specs[name] for name in STATE_INPUTS)
-
-
-def _stage_outputs(compresses: bool) -> tuple[TensorSpec, ...]:
-    seq = SEQUENCE_OUT if compresses else SEQUENCE
-    specs = {"hidden_states_out": TensorSpec("hidden_states_out", "float32", (BATCH, seq, HIDDEN)),
-             "attention_mask_out": TensorSpec("attention_mask_out", "int64", (BATCH, seq)),
-             "position_ids_out": TensorSpec("position_ids_out", "int64", (BATCH, seq)),
-             "score": TensorSpec("score", "float32", (BATCH,))}
-    return tuple(specs[name] for name in STAGE_OUTPUTS)
+def _io(encoding: str, first: bool, compresses: bool) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    first_inputs, state_inputs, outputs = STAGE_CONTRACTS[encoding]
+    return (tuple(_tensor(n) for n in (first_inputs if first else state_inputs)),
+            tuple(_tensor(n, compresses) for n in outputs))
 
 
 def compression_in(compression: Mapping[str, Any] | None, start: int, end: int) -> dict[str, int] | None:
@@ -98,18 +101,20 @@ def compression_in(compression: Mapping[str, Any] | None, start: int, end: int) 
     return {"layer": layer, "ratio": ratio} if start < layer <= end and ratio > 1 else None
 
 
-def stage_specs(exits: Sequence[int], compression: Mapping[str, Any] | None = None) -> list[GraphSpec]:
-    """One :class:`GraphSpec` per exit."""
+def stage_specs(exits: Sequence[int], compression: Mapping[str, Any] | None = None, encoding: str = "pair"
+                ) -> list[GraphSpec]:
+    """One :class:`GraphSpec` per exit, with the stage contract of ``encoding`` (``"pair"`` or ``"segments"``)."""
     specs, start = [], 0
     for k, end in enumerate(exits):
         comp = compression_in(compression, start, end)
         specs.append(GraphSpec(f"stage_{k + 1}", k, start, int(end), k == 0, comp,
-                               _token_inputs() if k == 0 else _state_inputs(), _stage_outputs(comp is not None)))
+                               *_io(encoding, k == 0, comp is not None), encoding=encoding))
         start = int(end)
     return specs
 
 
 def full_graph_spec(num_layers: int, compression: Mapping[str, Any] | None = None) -> GraphSpec:
     """The single full-depth graph (same model, same compression) that the cascade is compared with."""
-    return GraphSpec("full", None, 0, num_layers, True, compression_in(compression, 0, num_layers), _token_inputs(),
-                     (TensorSpec("score", "float32", (BATCH,)),))
+    inputs, _ = _io("pair", True, False)
+    return GraphSpec("full", None, 0, num_layers, True, compression_in(compression, 0, num_layers), inputs,
+                     (_tensor("score"),))

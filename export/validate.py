@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from matryoshka.export.errors import ExportValidationError
-from matryoshka.export.reference import Batch, StageOutput, state_feed
+from matryoshka.export.reference import Batch, StageOutput, stage_feed, state_feed
 from matryoshka.export.spec import GraphSpec
 
 
@@ -96,10 +96,6 @@ def session(path: Path, threads: int = 1):  # -> onnxruntime.InferenceSession
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _feed(spec: GraphSpec, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {name: values[name] for name in spec.input_names}
-
-
 def _check_integers(report: str, name: str, got: np.ndarray, want: np.ndarray) -> None:
     if got.shape != want.shape or not np.array_equal(got, want):
         raise ExportValidationError(report, f"output {name} differs from PyTorch (shape {got.shape} vs "
@@ -123,7 +119,8 @@ def validate_precision(precision: str, stages: Sequence[GraphSpec], stage_files:
         chained: dict[str, np.ndarray] = inputs
         for spec, sess, rep, ref in zip(stages, sessions, reports, reference, strict=True):
             isolated_in = inputs if spec.first else state_feed(reference[spec.index - 1].arrays)
-            iso = dict(zip(spec.output_names, sess.run(spec.output_names, _feed(spec, isolated_in)), strict=True))
+            iso = dict(zip(spec.output_names, sess.run(spec.output_names, stage_feed(spec, isolated_in, inputs)),
+                           strict=True))
             where = f"{precision}/{spec.name}.onnx"
             for name in ("attention_mask_out", "position_ids_out"):
                 _check_integers(where, name, iso[name], ref.arrays[name])
@@ -131,15 +128,17 @@ def validate_precision(precision: str, stages: Sequence[GraphSpec], stage_files:
             if iso["hidden_states_out"].shape != hidden_ref.shape:
                 raise ExportValidationError(where, f"hidden_states_out has shape {iso['hidden_states_out'].shape}, "
                                             f"PyTorch {hidden_ref.shape}", "check the compression reshape")
-            rep.hidden_atol = max(rep.hidden_atol, _score_error(iso["hidden_states_out"], hidden_ref))
-            chain = dict(zip(spec.output_names, sess.run(spec.output_names, _feed(spec, chained)), strict=True))
+            rep.hidden_atol = max(rep.hidden_atol, _score_error(iso["hidden_states_out"], hidden_ref),
+                                  *([_score_error(iso["embedding"], ref.arrays["embedding"])] if spec.segments else []))
+            chain = dict(zip(spec.output_names, sess.run(spec.output_names, stage_feed(spec, chained, inputs)),
+                             strict=True))
             rep.score_atol = max(rep.score_atol, _score_error(iso["score"], ref.arrays["score"]),
                                  _score_error(chain["score"], ref.arrays["score"]))
             rep.scores_onnx.append(chain["score"])
             rep.scores_torch.append(ref.arrays["score"])
             chained = state_feed(chain)
         if full_session is not None and full_report is not None and full is not None:
-            (score,) = full_session.run(["score"], _feed(full, inputs))
+            (score,) = full_session.run(["score"], {name: inputs[name] for name in full.input_names})
             want = reference[-1].arrays["score"]
             full_report.score_atol = max(full_report.score_atol, _score_error(score, want))
             full_report.scores_onnx.append(score)

@@ -105,8 +105,7 @@ class PairLayout:
         if not query_ids:
             raise ValueError("cannot assemble an empty batch")
         n = len(query_ids)
-        segments_b = [list(self.passage_prefix_ids) + list(p[: self.passage_budget]) + list(self.passage_suffix_ids)
-                      for p in passage_ids]
+        segments_b = [self.passage_segment(p) for p in passage_ids]
         longest = max(len(s) for s in segments_b)
         p_len = min(-(-longest // self.passage_multiple) * self.passage_multiple, self.max_passage_segment)
         total = self.query_length + p_len + self.suffix_length
@@ -115,7 +114,7 @@ class PairLayout:
         types = np.zeros((n, total), dtype=np.int64)
         types[:, self.query_length:] = 1
         for row, (q, seg_b) in enumerate(zip(query_ids, segments_b, strict=True)):
-            seg_a = list(self.prefix_ids) + list(q[: self.query_budget]) + list(self.query_suffix_ids)
+            seg_a = self.query_segment(q)
             ids[row, : len(seg_a)] = seg_a
             mask[row, : len(seg_a)] = 1
             start = self.query_length
@@ -128,6 +127,29 @@ class PairLayout:
         if self.family == "decoder":
             out["position_ids"] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
         return out
+
+    def query_segment(self, query_ids: Sequence[int]) -> list[int]:
+        """Segment A without its padding: prefix + the query cut to :attr:`query_budget` + query suffix."""
+        return list(self.prefix_ids) + list(query_ids[: self.query_budget]) + list(self.query_suffix_ids)
+
+    def passage_segment(self, passage_ids: Sequence[int]) -> list[int]:
+        """Segment B without its padding: passage prefix + the passage cut to :attr:`passage_budget` + suffix."""
+        return (list(self.passage_prefix_ids) + list(passage_ids[: self.passage_budget])
+                + list(self.passage_suffix_ids))
+
+    def assemble_segments(self, segments: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        """One segment per row (from :meth:`query_segment` / :meth:`passage_segment`), right-padded to the longest:
+        int64 ``input_ids`` and ``attention_mask`` ``[batch, longest]``. The input of a model whose segments are
+        encoded apart (attention ``"segments"``), where a segment alone gives the states it has inside a pair."""
+        if not segments:
+            raise ValueError("cannot assemble an empty batch")
+        longest = max(len(s) for s in segments)
+        ids = np.full((len(segments), longest), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(segments), longest), dtype=np.int64)
+        for row, seg in enumerate(segments):
+            ids[row, : len(seg)] = seg
+            mask[row, : len(seg)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
 
     def encode(self, tokenizer: Any, queries: Sequence[str], passages: Sequence[str]) -> dict[str, np.ndarray]:
         """Tokenize with a ``tokenizers.Tokenizer`` (no special tokens; truncation here) and :meth:`assemble`."""

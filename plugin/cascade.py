@@ -32,8 +32,7 @@ from matryoshka.errors import MatryoshkaError, OptionError
 from matryoshka.layout import PairLayout, prepare_tokenizer
 from matryoshka.plugin.fusion import DEFAULT_FUSION
 from matryoshka.plugin.manifest import (
-    FIRST_STAGE_INPUTS,
-    STAGE_OUTPUTS,
+    STAGE_CONTRACTS,
     STATE_INPUTS,
     Manifest,
     ManifestError,
@@ -107,10 +106,10 @@ class Cascade:
             raise ManifestError(tokenizer_path, f"not a loadable tokenizer.json ({err})") from None
         self.providers = resolve_providers(providers)
         paths = self.manifest.stage_paths(self.folder, self.precision)
-        last = len(paths) - 1
+        self.segments = self.manifest.encoding == "segments"
+        first_inputs, state_inputs, outputs = STAGE_CONTRACTS[self.manifest.encoding]
         self.stages: list[StageSession] = [
-            open_stage(path, self.providers, threads, FIRST_STAGE_INPUTS if k == 0 else STATE_INPUTS, STAGE_OUTPUTS,
-                       fetch=["score"] if k == last else None)
+            open_stage(path, self.providers, threads, first_inputs if k == 0 else state_inputs, outputs)
             for k, path in enumerate(paths)]
         costs = np.array([stage.relative_cost for stage in self.manifest.stages], dtype=np.float64)
         #: fraction of the full model's cost spent by a candidate that exits at stage k
@@ -170,14 +169,25 @@ class Cascade:
         lengths = np.array([min(len(p), budget) for p in p_ids])
         order = np.argsort(-lengths, kind="stable")
         produced: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        queries_at = _QueryStates(self, queries, q_ids) if self.segments else None
+
+        def first_feeds(rows: np.ndarray) -> dict[str, np.ndarray]:
+            if self.segments:
+                return self.layout.assemble_segments([self.layout.passage_segment(p_ids[i]) for i in rows])
+            return self._first_feeds(rows, q_ids, p_ids)
 
         def score_stage(k: int, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             nonlocal produced
-            pending = ([_Batch(rows, self._first_feeds(rows, q_ids, p_ids)) for rows in self._chunks(order)]
+            pending = ([_Batch(rows, first_feeds(rows)) for rows in self._chunks(order)]
                        if k == 0 else self._survivors(produced, set(alive.tolist())))
             stage, produced, scores = self.stages[k], [], []
+            fetch = self._fetch(k, query=False)
+            if queries_at is not None:
+                queries_at.advance(k, alive)
             for batch in pending:
-                out = stage.run(batch.feeds)
+                if queries_at is not None:
+                    batch.feeds["query_embedding"] = queries_at.embeddings(batch.rows)
+                out = stage.run(batch.feeds, fetch)
                 score = np.asarray(out["score"], dtype=np.float64).reshape(-1)
                 if score.shape != (len(batch.rows),):
                     raise StageOutputError(f"{stage.path}: output 'score' has {score.size} values for a batch of "
@@ -200,6 +210,12 @@ class Cascade:
         exit_layer = np.asarray(self.exits, dtype=np.int64)[exit_stage]
         return CascadeResult(final, exit_stage, exit_layer, int(truncated))
 
+    def _fetch(self, k: int, query: bool) -> list[str]:
+        """The outputs stage ``k`` must return: the state for a next stage, plus the query's embedding (segment
+        encoding, a query row) or the candidate's score."""
+        state = [f"{name}_out" for name in STATE_INPUTS] if k < len(self.stages) - 1 else []
+        return state + (["embedding"] if query else ["score"])
+
     def _survivors(self, produced: list[tuple[np.ndarray, dict[str, np.ndarray]]], alive: set[int]
                    ) -> list[_Batch]:
         """The next stage's batches: the ``alive`` rows of each batch, merged by sequence length, re-chunked."""
@@ -218,3 +234,36 @@ class Cascade:
                 end = start + self.batch_size
                 batches.append(_Batch(rows[start:end], {name: value[start:end] for name, value in state.items()}))
         return batches
+
+
+class _QueryStates:
+    """Segment encoding: each distinct query of a call is encoded once per stage, and only while one of its
+    candidates is still alive; :meth:`embeddings` gives every candidate row its query's embedding at that stage."""
+
+    def __init__(self, cascade: Cascade, queries: Sequence[str], q_ids: Sequence[Sequence[int]]) -> None:
+        self.cascade = cascade
+        index: dict[str, int] = {}
+        self.query_of = np.array([index.setdefault(q, len(index)) for q in queries], dtype=np.int64)
+        first_row = {i: row for row, i in reversed(list(enumerate(self.query_of.tolist())))}
+        self.segments = [cascade.layout.query_segment(q_ids[first_row[i]]) for i in range(len(index))]
+        self.current = np.zeros((len(index), cascade.manifest.model.hidden_size), dtype=np.float32)
+        self.produced: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+
+    def advance(self, k: int, alive: np.ndarray) -> None:
+        """Run stage ``k`` on the queries of the ``alive`` candidates (a query's own score is not used)."""
+        wanted = np.unique(self.query_of[alive])
+        cascade = self.cascade
+        if k == 0:
+            pending = [_Batch(rows, cascade.layout.assemble_segments([self.segments[i] for i in rows]))
+                       for rows in cascade._chunks(wanted)]
+        else:
+            pending = cascade._survivors(self.produced, set(wanted.tolist()))
+        stage, fetch, self.produced = cascade.stages[k], cascade._fetch(k, query=True), []
+        for batch in pending:
+            batch.feeds["query_embedding"] = np.zeros((len(batch.rows), self.current.shape[1]), np.float32)
+            out = stage.run(batch.feeds, fetch)
+            self.current[batch.rows] = out["embedding"]
+            self.produced.append((batch.rows, out))
+
+    def embeddings(self, rows: np.ndarray) -> np.ndarray:
+        return self.current[self.query_of[rows]]

@@ -37,6 +37,10 @@ from matryoshka.plugin.manifest_schema import (
     PRECISIONS,
     REEXPORT,
     SCHEMA_VERSION,
+    SEGMENT_FIRST_INPUTS,
+    SEGMENT_OUTPUTS,
+    SEGMENT_STATE_INPUTS,
+    STAGE_CONTRACTS,
     STAGE_OUTPUTS,
     STATE_INPUTS,
     Calibration,
@@ -57,7 +61,8 @@ from matryoshka.plugin.manifest_schema import (
 )
 
 __all__ = ["CALIBRATION_KINDS", "FAMILIES", "FIRST_STAGE_INPUTS", "MANIFEST_NAME", "POLICY_NAMES", "PRECISIONS",
-           "SCHEMA_VERSION", "STAGE_OUTPUTS", "STATE_INPUTS", "Calibration", "Compression", "ExitCalibration",
+           "SCHEMA_VERSION", "SEGMENT_FIRST_INPUTS", "SEGMENT_OUTPUTS", "SEGMENT_STATE_INPUTS", "STAGE_CONTRACTS",
+           "STAGE_OUTPUTS", "STATE_INPUTS", "Calibration", "Compression", "ExitCalibration",
            "FileSpec", "FullGraphSpec", "Manifest", "ManifestError", "ModelInfo", "ModelIntegrityError", "PolicySpec",
            "Producer", "StageSpec", "TokenizerSpec", "load_manifest", "manifest_from_dict", "sha256_file",
            "verify_files", "write_manifest"]

@@ -12,13 +12,11 @@ from matryoshka.plugin.fusion import FUSION_EXPECTED, NORMALIZATIONS
 from matryoshka.plugin.manifest_schema import (
     CALIBRATION_KINDS,
     FAMILIES,
-    FIRST_STAGE_INPUTS,
     MANIFEST_NAME,
     POLICY_NAMES,
     PRECISIONS,
     SCHEMA_VERSION,
-    STAGE_OUTPUTS,
-    STATE_INPUTS,
+    STAGE_CONTRACTS,
     Calibration,
     Compression,
     ExitCalibration,
@@ -140,7 +138,12 @@ def manifest_from_dict(data: Any, source: PathLike = MANIFEST_NAME) -> Manifest:
         raise r.fail("layout.family", f"expected {model.family!r} (model.family), got {pair_layout.family!r}")
     exits = _exits(r, r.get(data, "exits", "", list), model.num_layers)
     default_precision = r.get(data, "default_precision", "", str)
-    stages = tuple(_stage(r, raw, k, exits) for k, raw in enumerate(r.get(data, "stages", "", list)))
+    encoding = r.get(data, "encoding", "", str, optional=True, default="pair")
+    if encoding not in STAGE_CONTRACTS:
+        raise r.fail("encoding", f"expected one of {', '.join(STAGE_CONTRACTS)} or no field (pair), got {encoding!r}")
+    if encoding == "segments" and model.family != "encoder":
+        raise r.fail("encoding", f"'segments' is for encoders, got model.family {model.family!r}")
+    stages = tuple(_stage(r, raw, k, exits, encoding) for k, raw in enumerate(r.get(data, "stages", "", list)))
     if len(stages) != len(exits):
         raise r.fail("stages", f"expected {len(exits)} stages (one per exit {list(exits)}), got {len(stages)}")
     for precision in sorted({p for s in stages for p in s.files}):
@@ -183,7 +186,7 @@ def manifest_from_dict(data: Any, source: PathLike = MANIFEST_NAME) -> Manifest:
         raise r.fail("policy.first_stage_weight", f"expected a number in [0, 1] (the weight of the first-stage "
                      f"score; 0 = no fusion), got {policy.first_stage_weight!r}")
     return Manifest(producer, model, tokenizer, layout, exits, default_precision, stages, calibration, policy,
-                    full_graph, version)
+                    full_graph, version, encoding)
 
 
 def _exits(r: _Reader, values: list[Any], num_layers: int) -> tuple[int, ...]:
@@ -196,7 +199,7 @@ def _exits(r: _Reader, values: list[Any], num_layers: int) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _stage(r: _Reader, raw: Any, k: int, exits: tuple[int, ...]) -> StageSpec:
+def _stage(r: _Reader, raw: Any, k: int, exits: tuple[int, ...], encoding: str = "pair") -> StageSpec:
     where = f"stages[{k}]"
     raw = r.obj(raw, where)
     index = r.get(raw, "index", where, int)
@@ -212,11 +215,12 @@ def _stage(r: _Reader, raw: Any, k: int, exits: tuple[int, ...]) -> StageSpec:
     if exit_layer != exits[k]:
         raise r.fail(f"{where}.exit_layer", f"expected {exits[k]}, got {exit_layer}")
     inputs, outputs = r.str_list(raw, "inputs", where), r.str_list(raw, "outputs", where)
-    want_in = FIRST_STAGE_INPUTS if k == 0 else STATE_INPUTS
+    first_inputs, state_inputs, want_out = STAGE_CONTRACTS[encoding]
+    want_in = first_inputs if k == 0 else state_inputs
     if set(inputs) != set(want_in) or len(inputs) != len(want_in):
         raise r.fail(f"{where}.inputs", f"expected {list(want_in)}, got {list(inputs)}")
-    if set(outputs) != set(STAGE_OUTPUTS) or len(outputs) != len(STAGE_OUTPUTS):
-        raise r.fail(f"{where}.outputs", f"expected {list(STAGE_OUTPUTS)}, got {list(outputs)}")
+    if set(outputs) != set(want_out) or len(outputs) != len(want_out):
+        raise r.fail(f"{where}.outputs", f"expected {list(want_out)}, got {list(outputs)}")
     comp_raw = r.get(raw, "compression", where, dict, optional=True)
     compression = None
     if comp_raw is not None:

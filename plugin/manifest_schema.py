@@ -26,6 +26,18 @@ CALIBRATION_KINDS = ("affine",)
 FIRST_STAGE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 STATE_INPUTS = ("hidden_states", "attention_mask", "position_ids")
 STAGE_OUTPUTS = ("hidden_states_out", "attention_mask_out", "position_ids_out", "score")
+#: ``encoding="segments"`` (attention within each segment, cosine readout): a stage encodes ONE segment (a query or
+#: a passage, never a pair) and scores passages against the query embedding of the same exit, so each query is
+#: encoded once per stage instead of once per candidate
+SEGMENT_FIRST_INPUTS = ("input_ids", "attention_mask", "query_embedding")
+SEGMENT_STATE_INPUTS = ("hidden_states", "attention_mask", "position_ids", "query_embedding")
+SEGMENT_OUTPUTS = ("hidden_states_out", "attention_mask_out", "position_ids_out", "embedding", "score")
+#: encoding -> (first stage inputs, later stage inputs, stage outputs): the stage contract of each encoding
+STAGE_CONTRACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "pair": (FIRST_STAGE_INPUTS, STATE_INPUTS, STAGE_OUTPUTS),
+    "segments": (SEGMENT_FIRST_INPUTS, SEGMENT_STATE_INPUTS, SEGMENT_OUTPUTS),
+}
+ENCODINGS = tuple(STAGE_CONTRACTS)
 REEXPORT = "re-export the model folder from its checkpoint with matryoshka.export"
 
 PathLike = str | os.PathLike[str]
@@ -162,6 +174,8 @@ class Manifest:
     policy: PolicySpec
     full_graph: FullGraphSpec | None = None
     schema_version: int = SCHEMA_VERSION
+    #: how stages read their input (see :data:`STAGE_CONTRACTS`); optional in the JSON, absent = ``"pair"``
+    encoding: str = "pair"
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -205,6 +219,8 @@ class Manifest:
                             "per_exit": {str(k): vars(v).copy() for k, v in self.calibration.per_exit.items()}},
             "policy": self.policy.to_dict(),
         }
+        if self.encoding != "pair":  # absent = "pair": pair manifests are written exactly as before the field
+            data["encoding"] = self.encoding
         return data
 
 

@@ -104,21 +104,23 @@ class StageSession:
     inputs: dict[str, type]
     outputs: list[str]
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run with the declared inputs only (a graph may have dropped an unused one), cast to their types."""
+    def run(self, feeds: Mapping[str, np.ndarray], fetch: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run with the declared inputs only (a graph may have dropped an unused one), cast to their types;
+        returns ``fetch`` (default: the session's outputs)."""
         missing = [name for name in self.inputs if name not in feeds]
         if missing:
             raise StageLoadError(f"{self.path}: the graph needs inputs {missing} that the cascade does not provide "
                                  f"(it provides {sorted(feeds)}); re-export the model")
         arrays = {name: np.ascontiguousarray(feeds[name], dtype=dtype) for name, dtype in self.inputs.items()}
         try:
-            values = self.session.run(self.outputs, arrays)
+            names = list(fetch) if fetch is not None else self.outputs
+            values = self.session.run(names, arrays)
         except ORT_ERRORS as err:
             first = _first_line(err)
             shapes = ", ".join(f"{name} {tuple(a.shape)}" for name, a in arrays.items())
             raise StageLoadError(f"{self.path}: onnxruntime failed on inputs {shapes} ({first}); check the "
                                  "manifest's layout (max_length within the model's positions) or re-export") from None
-        return dict(zip(self.outputs, values, strict=True))
+        return dict(zip(names, values, strict=True))
 
 
 def open_stage(path: Path, providers: Sequence[str], threads: int | None, allowed_inputs: Sequence[str],

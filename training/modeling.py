@@ -310,19 +310,37 @@ class LayerwiseReranker(nn.Module):
         """``{exit: [B, H]}``: the masked mean, after every exit layer, of ONE segment encoded alone (attention
         ``"segments"``; e.g. a pair batch's ``[:, :query_length]`` or ``[:, query_length:]`` columns). Equal to
         :meth:`segment_means` of a pair holding that segment, since segments never see each other."""
-        if self.segment_start is None:
-            raise ModelConfigError("encode_segment needs attention='segments': with attention='pair' a segment's "
-                                   "states depend on the other segment")
-        hidden, positions = self.adapter.embed(self.backbone, input_ids, attention_mask, None, None, 0)
-        layers = self.adapter.layers(self.backbone)
-        bias = self.adapter.attention_bias(attention_mask, hidden.dtype)
-        context = self.adapter.layer_context(self.backbone, hidden, positions)
-        out: dict[int, Tensor] = {}
-        for index in range(self.config.exits[-1]):
-            hidden = self._call_layer(layers[index], hidden, bias, positions, context)
-            if index + 1 in self.config.exits:
-                out[index + 1] = _masked_mean(hidden, attention_mask)
+        state, out, start = self.embed_segment(input_ids, attention_mask), {}, 0
+        for exit_layer in self.config.exits:
+            state = self.run_segment_layers(state, start, exit_layer)
+            out[exit_layer] = segment_embedding(state)
+            start = exit_layer
         return out
+
+    def embed_segment(self, input_ids: Tensor, attention_mask: Tensor) -> State:
+        """The embeddings of ONE segment per row (a query or a passage encoded alone; attention ``"segments"``)."""
+        if self.segment_start is None:
+            raise ModelConfigError("a segment can be encoded alone only with attention='segments': with "
+                                   "attention='pair' its states depend on the other segment")
+        hidden, positions = self.adapter.embed(self.backbone, input_ids, attention_mask, None, None, 0)
+        return State(hidden, attention_mask, positions)
+
+    def run_segment_layers(self, state: State, start: int, end: int) -> State:
+        """Run 0-based layers ``[start, end)`` on a state from :meth:`embed_segment` (plain attention within it)."""
+        if not 0 <= start < end <= self.config.num_layers:
+            raise ModelConfigError(f"layer range [{start}, {end}) is invalid: expected 0 <= start < end <= "
+                                   f"{self.config.num_layers}")
+        hidden, layers = state.hidden_states, self.adapter.layers(self.backbone)
+        bias = self.adapter.attention_bias(state.attention_mask, hidden.dtype)
+        context = self.adapter.layer_context(self.backbone, hidden, state.position_ids)
+        for index in range(start, end):
+            hidden = self._call_layer(layers[index], hidden, bias, state.position_ids, context)
+        return State(hidden, state.attention_mask, state.position_ids)
+
+    def segment_score(self, query_embedding: Tensor, passage_embedding: Tensor, exit_layer: int) -> Tensor:
+        """The compensated ``[B]`` score of exit ``exit_layer`` from the two segments' embeddings at that exit
+        (:func:`segment_embedding`): equal to :meth:`exit_score` of the pair (readout ``"cosine"``)."""
+        return self.head_scores(self.cosine_features(query_embedding, passage_embedding, exit_layer), exit_layer)[1]
 
     def cosine_features(self, query_mean: Tensor, passage_mean: Tensor, exit_layer: int) -> Tensor:
         """``normalize(P_l q) * normalize(P_l p)`` ``[B, H]`` (readout ``"cosine"``): what exit ``exit_layer``'s head
@@ -363,6 +381,11 @@ class LayerwiseReranker(nn.Module):
             calibrated.append(comp)
             start = exit_layer
         return ExitScores(tuple(self.config.exits), torch.stack(raws), torch.stack(calibrated))
+
+
+def segment_embedding(state: State) -> Tensor:
+    """``[B, H]``: the masked mean of a segment's hidden states (what the cosine readout compares)."""
+    return _masked_mean(state.hidden_states, state.attention_mask)
 
 
 def _masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
