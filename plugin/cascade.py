@@ -12,7 +12,10 @@ For one call (usually one query's candidates) the cascade
    batches shrink; survivors with the same sequence length are merged and re-chunked to ``batch_size``), until the
    last stage, where everyone stops.
 
-Results come back in the caller's order. Scores of every exit are on the final exit's scale (compensation trained
+With a segment-encoded model (``manifest.encoding == "segments"``) step 1 builds one passage segment per candidate
+instead of a pair, and before each stage every distinct query that still has an alive candidate is run through that
+stage once (:class:`_QueryStates`); each passage batch gets its query's embedding of that exit. Results come back
+in the caller's order. Scores of every exit are on the final exit's scale (compensation trained
 in the graph, or applied here from the manifest when ``calibration.in_graph`` is false).
 """
 

@@ -128,7 +128,8 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 class CandidatePolicy(ExitPolicy):
     name = "candidate"
     help = "confidence max(sigmoid(s), 1-sigmoid(s)) > threshold"
-    sweep = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+    #: no 0.5: max(p, 1 - p) > 0.5 holds for every score but exactly 0, so it is the first fixed exit again
+    sweep = (0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
     marker = "o"
 
     def _decide(self, view: StageView) -> np.ndarray:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The recipe of the bundled default model (plugin/default_model), end to end, on this 2-core CPU:
 #   BM25 candidates (Pyserini) -> all-MiniLM-L6-v2 with segment attention (its final exit IS the bi-encoder) ->
-#   early exits trained on cached segment means by self-distillation from the final exit -> ONNX fp32 export ->
+#   early exits trained on cached segment means by self-distillation from the final exit -> ONNX export
+#   (segment-encoded stages, fp32 + int8) ->
 #   policy, threshold and rerank depth tuned on NFCorpus dev, fused with BM25 as the training-free baseline is.
 # Measured here (2 threads, 2026-12-04, with light concurrent load): mining ~3 min, segment-means cache ~23 min
 # (17.5k passages, 11.8k queries), 3000 training steps ~6 min, export 15 s, tuning on 100 NFCorpus dev queries
@@ -41,14 +42,15 @@ mine nfcorpus-titles --data_dir "$NFCORPUS" --split train --queries titles --dep
   --residual_set "$T/nfcorpus-dev" --exits 1 2 3 4 5 6 --max_length 384 --query_length 128 \
   --max_steps "$STEPS" --output_dir "$OUT/heads" --final_model_dir "$OUT/heads/model" ${RESUME:-}
 
-# 3. export: fp32 stages of the exits the cascade uses (fp32: a pair's score never depends on its batch, which
-#    dynamic int8 breaks, and the final exit stays the bi-encoder exactly); each stage validated against PyTorch
-"$PY" -m matryoshka.export "$OUT/heads/model" "$OUT/model" --no-full-graph --exits ${EXITS:-1 6} \
-  --name minilm-l6-matryoshka-segments --base-model-id sentence-transformers/all-MiniLM-L6-v2 --overwrite
+# 3. export: segment-encoded stages of the exits the cascade uses (each query encoded once per stage, passages
+#    alone: no padded query segment per pair), fp32 (exactly the bi-encoder at the final exit) and dynamic int8 (the
+#    default; one pair per call, so a score never depends on its batch); each stage validated against PyTorch
+"$PY" -m matryoshka.export "$OUT/heads/model" "$OUT/model" --no-full-graph --exits ${EXITS:-1 6} --encoding segments \
+  --int8 --name minilm-l6-matryoshka-segments --base-model-id sentence-transformers/all-MiniLM-L6-v2 --overwrite
 
 # 4. policy, threshold and rerank depth on NFCorpus dev (never test), for at most 1% nDCG@10 loss; the fusion is
 #    fixed to the training-free one (0.3 * minmax(BM25) + 0.7 * minmax(model)), so full depth IS that baseline
 "$PY" -m matryoshka tune --model "$OUT/model" --data "$NFCORPUS" --split dev --work "$OUT/work" \
-  --fusion minmax --first-stage-weights 0.3 --cache "$OUT/tune-cache.npz" \
+  --fusion minmax --first-stage-weights 0.3 --cache "$OUT/tune-cache.npz" --precision int8 \
   $([ "$TUNE_QUERIES" = 0 ] || echo --queries "$TUNE_QUERIES")
 echo "model written to $OUT/model (the bundled one: cp -r $OUT/model/. plugin/default_model/)"

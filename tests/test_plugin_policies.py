@@ -153,3 +153,17 @@ def test_the_policy_registry_is_the_one_source_of_policy_names() -> None:  # iss
                                                                                               "topk"}
     for name, cls in POLICIES.items():
         assert cls.name == name and cls.help and make_policy(name, 0.9, (2, 4), 0.9).name == name
+
+
+def test_no_policy_sweeps_a_threshold_that_lets_everyone_leave_at_the_first_exit() -> None:
+    """A grid point equal to the first fixed exit is degenerate (issue 18: candidate@0.5 was one)."""
+    from matryoshka.plugin.policies import POLICIES, make_policy
+    from matryoshka.plugin.tuning import replay
+
+    rng = np.random.default_rng(0)
+    scores = np.column_stack([rng.normal(0, 3, 200), rng.normal(0, 3, 200)])
+    groups = np.repeat(np.arange(10), 20)
+    for name, cls in POLICIES.items():
+        for threshold in cls.sweep:
+            _, stage = replay(scores, groups, make_policy(name, threshold, (1, 2), threshold), (1, 2), [1.0, 0.0])
+            assert (stage == 1).any(), f"{name}@{threshold} stops every candidate at the first exit"
