@@ -2,9 +2,10 @@
 ``OnnxConfig``): the exporter, the validator and the manifest all read them from here.
 
 Stage k runs the 0-based layers ``[exits[k-1], exits[k])`` (stage 0 from layer 0, including the embeddings) and
-returns the state for the next stage plus the compensated score of exit ``exits[k]``; with ``encoding="segments"``
-it runs them on one segment and also returns the segment's ``embedding`` (its score is against ``query_embedding``). The full graph runs every layer
-and returns only the score. Names follow ``matryoshka.plugin.manifest`` (the schema owner).
+returns the state for the next stage plus the compensated score of exit ``exits[k]``; with
+``encoding="segments"`` it runs them on one segment and also returns the segment's ``embedding`` (its score is
+against ``query_embedding``). The full graph runs every layer and returns only the score. Names follow
+``matryoshka.plugin.manifest`` (the schema owner).
 """
 
 from __future__ import annotations
