@@ -40,6 +40,7 @@ class ExportArgs:
     overwrite: bool = False
     exits: list[int] | None = None
     only: list[str] | None = None
+    default_precision: str | None = None
     name: str | None = None
     base_model_id: str | None = None
     encoding: str = "pair"
@@ -73,6 +74,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ExportArgs:
     parser.add_argument("--only", nargs="+", default=None, metavar="PRECISION",
                         help="precisions the folder keeps (default: all produced), e.g. '--int8 --only int8' for a "
                         "small CPU model; fp32 is still exported and validated first")
+    parser.add_argument("--default-precision", default=None, metavar="PRECISION",
+                        help="the precision the plugin runs unless asked for another (default: int8 when kept, else "
+                        "fp32)")
     parser.add_argument("--name", default=None, help="model name in the manifest (default: the checkpoint's name)")
     parser.add_argument("--base-model-id", default=None, metavar="ID",
                         help="the base model as the manifest records it, e.g. its Hugging Face id (default: the "
@@ -102,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             opset=args.opset, full_graph=args.full_graph, overwrite=args.overwrite, name=args.name,
                             base_model_id=args.base_model_id, encoding=args.encoding,
                             exits=tuple(args.exits) if args.exits else None,
-                            only=tuple(args.only) if args.only else None)
+                            only=tuple(args.only) if args.only else None,
+                            default_precision=args.default_precision)
     result = export_checkpoint(args.checkpoint, args.outdir, options, progress=not args.quiet)
     if not args.quiet:
         print(summary(result))

@@ -69,7 +69,8 @@ def _files(folder: Path, spec: GraphSpec, reports: Mapping[str, Sequence[FileRep
 
 def build_manifest(folder: Path, model: LayerwiseReranker, checkpoint: Path, stages: Sequence[GraphSpec],
                    full: GraphSpec | None, reports: Mapping[str, Sequence[FileReport]], name: str | None,
-                   base_model_id: str | None = None, encoding: str = "pair") -> Manifest:
+                   base_model_id: str | None = None, encoding: str = "pair",
+                   default_precision: str | None = None) -> Manifest:
     """Describe every file in ``folder`` (hashes, validated tolerances) and write ``folder/manifest.json``."""
     config = model.config
     layout = config.pair_layout()
@@ -85,7 +86,7 @@ def build_manifest(folder: Path, model: LayerwiseReranker, checkpoint: Path, sta
     if full is not None:
         full_entry = FullGraphSpec((full.start, full.end), tuple(full.input_names), tuple(full.output_names),
                                    _files(folder, full, reports))
-    default = next((p for p in DEFAULT_PRECISION_ORDER if p in reports), next(iter(reports)))
+    default = default_precision or next((p for p in DEFAULT_PRECISION_ORDER if p in reports), next(iter(reports)))
     manifest = Manifest(
         producer=producer(),
         model=ModelInfo(name or checkpoint.name, config.family, base_model_id or config.base_model, config.num_layers,

@@ -58,6 +58,8 @@ class ExportOptions:
     #: precisions written to the folder (None: all produced); fp32 is always produced and validated, since every
     #: variant derives from it, but can be left out of a shipped folder (``--only int8``)
     only: tuple[str, ...] | None = None
+    #: the precision the plugin runs when none is asked for (None: int8 when shipped, else fp32); one of shipped()
+    default_precision: str | None = None
     #: the stage contract: "pair" (a stage reads whole pairs) or "segments" (a stage encodes one query or passage and
     #: scores passages against the query's embedding; needs a checkpoint with attention="segments", readout="cosine")
     encoding: str = "pair"
@@ -87,6 +89,11 @@ class ExportOptions:
             raise ExportError(f"--only {' '.join(self.only)} is invalid: expected some of the precisions this export "
                               f"produces ({', '.join(produced)}); add --int8/--fp16/--optimize to produce them")
         return [p for p in produced if p in self.only]
+
+    def check_default_precision(self) -> None:
+        if self.default_precision is not None and self.default_precision not in self.shipped():
+            raise ExportError(f"--default-precision {self.default_precision} is invalid: expected one of the "
+                              f"precisions the folder keeps ({', '.join(self.shipped())})")
 
     def modes(self, precision: str) -> list[str | None]:
         """The int8 quantization modes tried for ``precision`` (``[None]`` for the other precisions)."""
@@ -153,6 +160,7 @@ def export_checkpoint(checkpoint: str | Path, outdir: str | Path, options: Expor
     options = options or ExportOptions()
     checkpoint, outdir = Path(checkpoint), Path(outdir)
     options.modes("int8")  # checks int8_mode
+    options.check_default_precision()
     shipped = options.shipped()  # checks --only
     if not MIN_OPSET <= options.opset <= max_opset():
         raise ExportError(f"--opset {options.opset} is invalid: expected >= {MIN_OPSET} and <= {max_opset()} (the "
@@ -204,7 +212,7 @@ def export_checkpoint(checkpoint: str | Path, outdir: str | Path, options: Expor
                 _drop(precision, stages, full, tmp)
                 del reports[precision]
             manifest = build_manifest(tmp, model, checkpoint, stages, full, reports, options.name,
-                                      options.base_model_id, options.encoding)
+                                      options.base_model_id, options.encoding, options.default_precision)
             load_manifest(tmp, verify=True)
             _share(tmp)
             step("manifest written")

@@ -231,6 +231,19 @@ def test_exits_subset_and_only_int8_ship_a_small_folder_with_unchanged_scores(tm
         assert np.max(np.abs(got - want[row])) < 0.5 * np.std(want[row]) + 1e-3
 
 
+def test_default_precision_names_what_the_plugin_runs(tmp_path: Path) -> None:
+    """``--default-precision fp32`` keeps int8 files beside fp32 but makes fp32 the precision run by default."""
+    checkpoint = tiny_checkpoint(tmp_path, "encoder", None, exits=(2, 4))
+    out = tmp_path / "model"
+    assert export_main([str(checkpoint), str(out), "--quiet", "--int8", "--no-full-graph",
+                        "--default-precision", "fp32"]) == 0
+    manifest = load_manifest(out, verify=True)
+    assert manifest.precisions == ("fp32", "int8") and manifest.default_precision == "fp32"
+    from matryoshka.plugin.cascade import Cascade
+
+    assert Cascade(out).precision == "fp32" and Cascade(out, precision="int8").precision == "int8"
+
+
 def spearman_like(a: np.ndarray, b: np.ndarray) -> float:
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
@@ -240,6 +253,7 @@ def spearman_like(a: np.ndarray, b: np.ndarray) -> float:
     (["--exits", "1", "2"], "ending with"),
     (["--exits", "3", "4"], "not exits"),
     (["--only", "fp16"], "--only fp16 is invalid"),
+    (["--int8", "--only", "int8", "--default-precision", "fp32"], "--default-precision fp32 is invalid"),
 ])
 def test_bad_exits_or_only_fail_before_any_output(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                   argv_extra: list[str], message: str) -> None:
