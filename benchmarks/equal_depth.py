@@ -154,9 +154,20 @@ def worker(config: str, args: argparse.Namespace, cache: Path, out: Path) -> Non
                 exit_layers.extend(np.asarray(layers_used, float).tolist())
                 total_flops += flops(entry["text"], entry["passages"], np.asarray(layers_used))
         passes.append({"seconds": seconds, "inside": inside[0]})
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mib()
     out.write_text(json.dumps({"run": results, "passes": passes, "layers": exit_layers, "flops": total_flops,
                                "peak_mib": peak}))
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS: VmHWM, which a fresh exec resets (ru_maxrss keeps the forking parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _plain_scorer(kind: str, args: argparse.Namespace, layout, tokenizer):

@@ -36,6 +36,8 @@ def test_main_job_prints_the_table_and_writes_run_stats_and_plot(tmp_path: Path)
     exits = load_manifest(DEFAULT_MODEL).exits
     full = next(v for k, v in table.items() if k.startswith(f"full depth (fixed exit {exits[-1]})"))
     assert 0.3 < cascade <= 1.0 and 0.3 < full <= 1.0
+    # the headline table (BM25, cascade) is printed before the slow full-depth comparison pass starts
+    assert proc.stdout.index("(the comparison follows)") < proc.stdout.index("| full depth (fixed exit")
     out = tmp_path / "out"
     run = read_run(out / "scifact-mini-test.matryoshka.txt")
     assert len(run.queries) == 30 and all(len(hits) == 10 for hits in run.queries.values())
