@@ -108,14 +108,15 @@ def plot(curve: dict, path: Path, title: str) -> Path:
     return path
 
 
-@cli_main
 def print_table(title: str, lines: Sequence[str]) -> None:
+    """Print one results table (markdown) under ``title``, flushed so a long run shows it at once."""
     print(f"\n{title}\n")
     print("| run | nDCG@10 | MRR@10 | R@100 | mean layers | layer-FLOPs | cand/s | ms/query p50 | p95 |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(lines), flush=True)
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
