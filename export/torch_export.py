@@ -1,7 +1,7 @@
 """``torch.onnx.export`` of one graph (a stage or the full graph), with the settings that work on this stack.
 
 - ``dynamo=False`` (the TorchScript exporter): its graphs fuse under onnxruntime's transformer optimizer and
-  quantize with ``quantize_dynamic``; the dynamo graphs did neither (see the shared export notes).
+  quantize with ``quantize_dynamic``; the dynamo graphs did neither on this stack.
 - the backbone runs with ``attn_implementation="eager"`` (set when the model is loaded for export);
 - inputs are positional tensors in the declared order, mapped to keyword arguments by
   :class:`~matryoshka.export.reference.GraphModule` (transformers 5 changed positional argument orders);

@@ -15,7 +15,7 @@ import numpy as np
 
 from integration_tests.conftest import pyserini
 from matryoshka.io import load_beir, read_run, write_topics
-from matryoshka.training.dense.testing import make_tiny_beir, make_tiny_dense_base, make_tiny_training_set
+from tests.fixtures.dense import make_tiny_beir, make_tiny_dense_base, make_tiny_training_set
 
 
 def test_tiny_llama_train_encode_search(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ def tiny_exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The export's tiny random encoder (exits 1, 2, 4; compression after layer 2, ratio 2; fp32/int8/fp16), built
     once per test session and shared by the plugin's integration tests."""
     pytest.importorskip("torch", reason="building the tiny exported model needs the train/export extras")
-    from matryoshka.export.testing import tiny_exported_model
+    from tests.fixtures.exported import tiny_exported_model
 
     root = tmp_path_factory.getbasetemp() / "plugin-tiny-exported"
     done = root / "folder.txt"

@@ -1,7 +1,8 @@
 """``python -m matryoshka <command>``: one entry point for the project's command-line tools.
 
 Each command lives in its own module with ``main(argv=None) -> int``; they are imported only when chosen, so
-``rerank`` never pulls in torch.
+``rerank`` never pulls in torch. The table names those modules as data (dotted paths for :mod:`importlib`), so the
+dispatcher itself imports none of ``matryoshka.plugin``, ``matryoshka.export`` or ``matryoshka.training``.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "bm25": ("matryoshka.bm25_cli", "index a BEIR folder, run Pyserini BM25 on a split and evaluate it"),
-    "pipeline": ("matryoshka.pipeline_cli", "BM25 + the matryoshka cascade on a BEIR split: run file, table, plot"),
+    "bm25": ("matryoshka.plugin.bm25_cli", "index a BEIR folder, run Pyserini BM25 on a split and evaluate it"),
+    "pipeline": ("matryoshka.plugin.pipeline_cli",
+                 "BM25 + the matryoshka cascade on a BEIR split: run file, table, plot"),
     "rerank": ("matryoshka.plugin.rerank_cli", "rerank an existing TREC run with the matryoshka cascade"),
     "tune": ("matryoshka.plugin.tune_cli", "pick the policy and threshold on a dev split, store it in the manifest"),
     "train": ("matryoshka.training.__main__", "train a layer-wise (matryoshka) reranker"),

@@ -190,7 +190,8 @@ def encoder_layout(tokenizer: Any, max_length: int, query_length: int, passage_m
 
 def decoder_layout(tokenizer: Any, max_length: int, query_length: int, passage_multiple: int = 1,
                    bos_id: int | None = None, pad_id: int | None = None) -> PairLayout:
-    """A decoder layout with the seeds' prompt ("A: {query}" / "B: {passage}" / "Predict whether ...")."""
+    """A decoder layout with the decoder prompt (:data:`DECODER_QUERY_PREFIX`, :data:`DECODER_PASSAGE_PREFIX`,
+    :data:`DECODER_PROMPT`: "A: {query}" / "B: {passage}" / "Predict whether ...")."""
     enc = tokenizer.encode
     prefix = ((bos_id,) if bos_id is not None else ()) + tuple(enc(DECODER_QUERY_PREFIX, add_special_tokens=False).ids)
     passage_prefix = tuple(enc(DECODER_PASSAGE_PREFIX, add_special_tokens=False).ids)

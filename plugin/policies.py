@@ -6,7 +6,7 @@ compensation phase trains), so a candidate that stops early stays comparable wit
 ``candidate`` (default)
     per candidate: confidence ``c = max(sigmoid(s'), 1 - sigmoid(s'))``; exit when ``c > threshold``.
 ``query``
-    per query (the adaptive-inference rule of the principle page, ``c_l = max(softmax(s_l))``): softmax over the
+    per query (adaptive inference over the candidate list, ``c_l = max(softmax(s_l))``): softmax over the
     query's candidates at the current exit; the whole query exits when its largest probability is ``> threshold``.
 ``topk``
     per candidate, within its query: stop when it can no longer reach the top ``k``: ``s' + margin < s'_(k)``, the k-th

@@ -12,8 +12,8 @@ from benchmarks import cascade_gain
 from benchmarks.cascade_gain import depth_rows, gain_rows, render, seen_queries
 from matryoshka.metrics import ndcg_at_k
 from matryoshka.plugin import tuning
-from matryoshka.plugin.testing import build_synthetic_model
 from matryoshka.plugin.tuning import Recorded
+from tests.fixtures.synthetic_model import build_synthetic_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,8 +12,8 @@ from benchmarks.recorded import find_recorded, load_recorded
 from matryoshka.errors import DataFormatError
 from matryoshka.io import write_run
 from matryoshka.plugin.cascade import Cascade
-from matryoshka.plugin.testing import build_synthetic_model
 from matryoshka.plugin.tuning import record_run
+from tests.fixtures.synthetic_model import build_synthetic_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks import soup_tradeoff
 from matryoshka.training.dense.modeling import BiEncoder
 from matryoshka.training.dense.select import evaluate
-from matryoshka.training.dense.testing import make_tiny_beir, make_tiny_dense_base, tiny_corpus, write_flat_index
+from tests.fixtures.dense import make_tiny_beir, make_tiny_dense_base, tiny_corpus, write_flat_index
 
 
 @pytest.fixture(scope="module")

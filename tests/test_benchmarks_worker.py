@@ -15,7 +15,7 @@ from matryoshka.plugin.api import MatryoshkaReranker
 from matryoshka.plugin.cascade import Cascade
 from matryoshka.plugin.manifest import load_manifest, write_manifest
 from matryoshka.plugin.policies import make_policy
-from matryoshka.plugin.testing import build_synthetic_model
+from tests.fixtures.synthetic_model import build_synthetic_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -17,8 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from matryoshka.training.dense.config import TrainingMode
 from matryoshka.training.dense.losses import contrastive_loss
-from matryoshka.training.dense.testing import make_tiny_dense_base, make_tiny_training_set
 from tests._torchrun import torchrun
+from tests.fixtures.dense import make_tiny_dense_base, make_tiny_training_set
 
 WORKER = '''
 import json, sys

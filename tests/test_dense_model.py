@@ -16,7 +16,7 @@ from matryoshka.errors import DataFormatError, MissingInputError
 from matryoshka.training.dense.config import DenseConfig, DenseConfigError, Pooling, format_text
 from matryoshka.training.dense.modeling import BiEncoder
 from matryoshka.training.dense.pooling import last_token_index, pool
-from matryoshka.training.dense.testing import make_tiny_dense_base
+from tests.fixtures.dense import make_tiny_dense_base
 
 TEXTS = ["cat", "the blue fish sat on the mat", "gene virus cell"]
 

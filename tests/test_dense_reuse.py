@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from matryoshka.training.dense.encode import main as encode_main
 from matryoshka.training.dense.modeling import BiEncoder
 from matryoshka.training.dense.pyserini_args import EncodingSpec
-from matryoshka.training.dense.testing import make_tiny_beir, make_tiny_dense_base, tiny_corpus, write_flat_index
+from tests.fixtures.dense import make_tiny_beir, make_tiny_dense_base, tiny_corpus, write_flat_index
 
 
 @pytest.fixture(scope="module")

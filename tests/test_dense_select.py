@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from matryoshka.training.dense.modeling import BiEncoder
 from matryoshka.training.dense.select import main, ndcg_at, recall_at, soup
-from matryoshka.training.dense.testing import make_tiny_beir, make_tiny_dense_base, write_flat_index
+from tests.fixtures.dense import make_tiny_beir, make_tiny_dense_base, write_flat_index
 
 
 def test_ndcg_and_recall_by_hand() -> None:

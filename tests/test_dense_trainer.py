@@ -16,7 +16,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from matryoshka.errors import MissingInputError
-from matryoshka.training.dense.testing import (
+from tests.fixtures.dense import (
     make_tiny_beir,
     make_tiny_dense_base,
     make_tiny_training_set,
@@ -141,7 +141,7 @@ def test_corpus_mode_trains_the_query_encoder_against_the_fixed_index(tiny: dict
     from matryoshka.training.dense.losses import corpus_loss
     from matryoshka.training.dense.modeling import BiEncoder
     from matryoshka.training.dense.pyserini_args import EncodingSpec
-    from matryoshka.training.dense.testing import tiny_queries
+    from tests.fixtures.dense import tiny_queries
 
     base, index = corpus_mode["base"], corpus_mode["index"]
     proc = train("--base_model", base, "--normalize", "--mode", "corpus", "--passage_indexes", index,

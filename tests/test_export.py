@@ -21,10 +21,10 @@ ort = pytest.importorskip("onnxruntime")
 from matryoshka.export.__main__ import main as export_main  # noqa: E402
 from matryoshka.export.pipeline import sample_batches  # noqa: E402
 from matryoshka.export.reference import make_batch  # noqa: E402
-from matryoshka.export.testing import tiny_checkpoint, tiny_exported_model  # noqa: E402
 from matryoshka.export.variants import MAX_IR_VERSION  # noqa: E402
 from matryoshka.plugin.manifest import FIRST_STAGE_INPUTS, STAGE_OUTPUTS, STATE_INPUTS, load_manifest  # noqa: E402
 from matryoshka.training.modeling import LayerwiseReranker  # noqa: E402
+from tests.fixtures.exported import tiny_checkpoint, tiny_exported_model  # noqa: E402
 
 COMPRESSION = {"layer": 2, "ratio": 2}
 CASES = {

@@ -18,9 +18,9 @@ from matryoshka.export.__main__ import main as export_main  # noqa: E402
 from matryoshka.export.checkpoint import OutputExistsError  # noqa: E402
 from matryoshka.export.errors import CheckpointError, ExportValidationError  # noqa: E402
 from matryoshka.export.pipeline import ExportOptions, export_checkpoint  # noqa: E402
-from matryoshka.export.testing import tiny_checkpoint  # noqa: E402
 from matryoshka.export.validate import Criteria, round_up, spearman  # noqa: E402
 from matryoshka.plugin.manifest import ManifestError, ModelIntegrityError, load_manifest  # noqa: E402
+from tests.fixtures.exported import tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")

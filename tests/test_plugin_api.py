@@ -14,7 +14,7 @@ from matryoshka.io.trec import Run, RunEntry
 from matryoshka.plugin import api
 from matryoshka.plugin.api import InputTextError, MatryoshkaReranker, MissingDocumentError, MissingTopicError
 from matryoshka.plugin.stats import RunStats
-from matryoshka.plugin.testing import build_synthetic_model
+from tests.fixtures.synthetic_model import build_synthetic_model
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "scifact-mini"
 

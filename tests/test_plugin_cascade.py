@@ -17,7 +17,7 @@ from matryoshka.plugin.cascade import Cascade
 from matryoshka.plugin.manifest import Calibration, ExitCalibration, ModelIntegrityError, load_manifest, write_manifest
 from matryoshka.plugin.policies import make_policy
 from matryoshka.plugin.session import ProviderUnavailableError, resolve_providers
-from matryoshka.plugin.testing import build_synthetic_model
+from tests.fixtures.synthetic_model import build_synthetic_model
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "scifact-mini"
 

@@ -22,11 +22,11 @@ from matryoshka.plugin.cascade import Cascade
 from matryoshka.plugin.fusion import FirstStageScoreError, check_first_stage_weight, check_fusion, fuse, minmax, znorm
 from matryoshka.plugin.manifest import MANIFEST_NAME, ManifestError, load_manifest, write_manifest
 from matryoshka.plugin.policies import make_policy
-from matryoshka.plugin.testing import build_synthetic_model
 from matryoshka.plugin.tune_cli import build_parser as tune_parser
 from matryoshka.plugin.tune_cli import main as tune_main
 from matryoshka.plugin.tune_cli import write_choice
 from matryoshka.plugin.tuning import choose_weight, record_run, sweep, tune
+from tests.fixtures.synthetic_model import build_synthetic_model
 from tests.test_plugin_manifest import _edit, make_folder
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "scifact-mini"

@@ -13,7 +13,7 @@ import pytest
 
 from matryoshka.io.trec import read_run
 from matryoshka.plugin.rerank_cli import main
-from matryoshka.plugin.testing import build_synthetic_model
+from tests.fixtures.synthetic_model import build_synthetic_model
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "scifact-mini"
 
@@ -242,8 +242,8 @@ def test_an_index_folder_that_is_not_a_lucene_index(files: dict[str, Path], tmp_
 
 
 def test_pyserini_thread_flags_are_bounded_too(tmp_path: Path, capsys) -> None:  # issue 17 #3
-    from matryoshka.bm25_cli import main as bm25_main
-    from matryoshka.pipeline_cli import main as pipeline_main
+    from matryoshka.plugin.bm25_cli import main as bm25_main
+    from matryoshka.plugin.pipeline_cli import main as pipeline_main
 
     for cli_main in (bm25_main, pipeline_main):
         assert cli_main(["--data", str(DATA), "--work", str(tmp_path / "work"), "--threads", "10000"]) == 2

@@ -12,8 +12,8 @@ import pytest
 
 from matryoshka import pipeline
 from matryoshka.plugin.manifest import MANIFEST_NAME, load_manifest
-from matryoshka.plugin.testing import build_synthetic_model
 from matryoshka.plugin.tune_cli import main as tune_main
+from tests.fixtures.synthetic_model import build_synthetic_model
 
 REPO = Path(__file__).resolve().parent.parent
 QUERIES = {"q1": "insulin resistance", "q2": "dna repair", "q3": "vitamin d bone"}

@@ -11,8 +11,8 @@ import pytest
 from matryoshka.errors import OptionError
 from matryoshka.plugin.cascade import Cascade
 from matryoshka.plugin.policies import make_policy
-from matryoshka.plugin.testing import build_synthetic_model
 from matryoshka.plugin.tuning import Recorded, SweepPoint, choose, record_exit_scores, replay, tune
+from tests.fixtures.synthetic_model import build_synthetic_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,7 @@ from matryoshka.plugin.manifest import ManifestError, load_manifest
 from matryoshka.plugin.policies import make_policy
 from matryoshka.plugin.session import StageSession
 from matryoshka.training.modeling import LayerwiseReranker
-from matryoshka.training.tiny import make_tiny_base
+from tests.fixtures.tiny_models import make_tiny_base
 
 WORDS = "the cat sat on a mat gene protein cell study shows result blue ocean fish red dog runs fast".split()
 

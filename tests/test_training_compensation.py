@@ -13,7 +13,7 @@ from matryoshka.errors import MatryoshkaError
 from matryoshka.training.compensation import compensation_parameters, freeze_for_compensation, measure_residuals
 from matryoshka.training.modeling import LayerwiseReranker
 from matryoshka.training.objective import Objective, PhaseType
-from matryoshka.training.tiny import make_tiny_base
+from tests.fixtures.tiny_models import make_tiny_base
 
 GROUP = 4
 QUERIES = ["cat mat", "ocean fish", "gene protein", "virus cell"]

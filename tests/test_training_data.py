@@ -153,7 +153,7 @@ def test_teacher_file_round_trip_coverage_and_errors(tmp_path: Path) -> None:
 
 def test_collator_shapes(tmp_path: Path) -> None:
     from matryoshka.training.modeling import LayerwiseReranker
-    from matryoshka.training.tiny import make_tiny_base
+    from tests.fixtures.tiny_models import make_tiny_base
 
     model = LayerwiseReranker.build(make_tiny_base(tmp_path / "bert", "bert"), max_length=40, query_length=8,
                                     compress_layers=(2,), compress_ratios=(4,))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from matryoshka.training.tiny import make_tiny_base
 from tests._torchrun import torchrun
+from tests.fixtures.tiny_models import make_tiny_base
 from tests.test_training_loop import make_training_data
 
 

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from matryoshka.io import Document
 from matryoshka.training.data import TrainingQuery, write_teacher_scores, write_training_set
-from matryoshka.training.tiny import WORDS, make_tiny_base
+from tests.fixtures.tiny_models import WORDS, make_tiny_base
 
 CONTENT = [w for w in WORDS if w[0].islower() and w not in ("whether", "passage", "contains", "an", "answer", "to",
                                                             "query")]

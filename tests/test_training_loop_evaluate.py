@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from matryoshka.io import Document, read_run
 from matryoshka.training.modeling import LayerwiseReranker
-from matryoshka.training.tiny import make_tiny_base
+from tests.fixtures.tiny_models import make_tiny_base
 from tests.test_training_data import write_beir
 
 

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from matryoshka.errors import DataFormatError, MatryoshkaError, MissingInputError
 from matryoshka.training.config import Compression, ModelConfigError, RerankerConfig
 from matryoshka.training.modeling import ExitScores, LayerwiseReranker
-from matryoshka.training.tiny import make_tiny_base
+from tests.fixtures.tiny_models import make_tiny_base
 
 QUERIES = ["the cat sat", "blue ocean fish gene protein", "virus"]
 PASSAGES = ["the cat sat on the mat dog", "protein", "study result shows the gene of a virus cell"]

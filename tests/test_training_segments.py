@@ -22,7 +22,7 @@ from matryoshka.training.segment_heads import (
     main,
     positive_ce,
 )
-from matryoshka.training.tiny import make_tiny_base
+from tests.fixtures.tiny_models import make_tiny_base
 from tests.test_training_loop import make_training_data
 
 QUERIES = ["the cat sat", "protein cell gene", "blue ocean fish"]

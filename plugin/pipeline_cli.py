@@ -19,10 +19,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from matryoshka.bm25_cli import DEFAULT_DATA
 from matryoshka.errors import OptionError, cli_main
 from matryoshka.io.atomic import atomic_write
 from matryoshka.pipeline import bm25_search, prepare_beir, run_pyserini, trec_eval
+from matryoshka.plugin.bm25_cli import DEFAULT_DATA
 
 
 def build_parser() -> argparse.ArgumentParser:
