@@ -113,6 +113,15 @@ def test_self_distill_values_by_hand(strategy: SelfDistillStrategy) -> None:
     assert torch.count_nonzero(grads.grad[1:]) == 0                     # teachers are detached
 
 
+
+@pytest.mark.parametrize("t", [0.5, 1.0, 3.0])
+def test_self_distill_teacher_strategy_is_the_teacher_loss(t: float) -> None:
+    generator = torch.Generator().manual_seed(int(t * 10))
+    logits = torch.randn(4, 5 * 6, generator=generator, dtype=torch.float64)
+    teacher = torch.randn(5 * 6, generator=generator, dtype=torch.float64) * 3
+    strategy = SelfDistillLoss(exits=(1, 2, 3, 4), strategy=SelfDistillStrategy.TEACHER, temperature=t)
+    assert torch.equal(strategy(logits, 6, teacher), TeacherDistillLoss(temperature=t)(logits, 6, teacher))
+
 def test_registry_and_build() -> None:
     assert set(LOSS_REGISTRY) == set(LossType)
     assert isinstance(build_loss(LossType.GAP), GapLoss)

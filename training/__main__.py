@@ -13,7 +13,6 @@ Resume after a kill: the same command with ``--resume``.
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -22,29 +21,11 @@ from matryoshka.errors import cli_main
 
 @cli_main
 def main(argv: Sequence[str] | None = None) -> int:
-    import torch
-
-    from matryoshka.training.arguments import DataArguments, ModelArguments, TrainArguments, parse_arguments
+    from matryoshka.training.arguments import ModelArguments
+    from matryoshka.training.cli import run_training
     from matryoshka.training.trainer import Trainer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        model_args, data_args, train_args = parse_arguments(
-            (ModelArguments, DataArguments, TrainArguments), argv, prog="python -m matryoshka.training")
-        trainer = Trainer(model_args, data_args, train_args)
-        result = trainer.train()
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if trainer.rank == 0:
-        if result.stopped_early:
-            print(f"stopped after step {result.step} of {result.total_steps} (continue with --resume)")
-        else:
-            print(f"trained {result.step} steps; model saved to {result.model_dir}")
-            if result.last_log:
-                terms = ", ".join(f"{k} {v:.4f}" for k, v in result.last_log["terms"].items())
-                print(f"last loss {result.last_log['loss']:.4f} ({terms})")
-    return 0
+    return run_training(argv, ModelArguments, Trainer, "python -m matryoshka.training")
 
 
 if __name__ == "__main__":

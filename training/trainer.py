@@ -16,6 +16,10 @@ replays exactly what an uninterrupted run does. Checkpoints are folders written 
 DDP: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in ``DistributedDataParallel`` (NCCL on GPU, gloo
 on CPU); each rank takes its slice of every step's groups. At the end every rank's weight digest is recorded in
 ``summary.json``.
+
+Other models reuse this loop by overriding the hooks listed in :class:`Trainer` (the bi-encoder:
+:class:`matryoshka.training.dense.trainer.DenseTrainer`); the update itself (backward, clipping, optimizer and
+scheduler step) is :meth:`Trainer._step`'s alone.
 """
 
 from __future__ import annotations
@@ -27,19 +31,25 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from matryoshka.errors import MatryoshkaError, OptionError
 from matryoshka.io import atomic_directory, atomic_write
 from matryoshka.training.arguments import DataArguments, ModelArguments, TrainArguments
 from matryoshka.training.collator import GroupCollator, model_inputs
-from matryoshka.training.data import GroupSampler, load_training_set, read_teacher_scores, shard
-from matryoshka.training.data import check_teacher_coverage as _check_teacher
+from matryoshka.training.data import (
+    GroupSampler,
+    check_teacher_coverage,
+    load_training_set,
+    read_teacher_scores,
+    shard,
+)
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -54,6 +64,16 @@ class TrainResult:
     model_dir: Path | None
     stopped_early: bool
     last_log: dict[str, Any]
+
+
+@dataclass
+class BatchLoss:
+    """What one batch gives the update (:meth:`Trainer._batch_loss`): the loss to minimise, the per-term values to
+    log (floats or 0-d tensors, by name), and the step's sampled compression as a dict (``None``: none)."""
+
+    loss: Tensor
+    terms: Mapping[str, Any]
+    compression: dict[str, int] | None = None
 
 
 def _dist() -> tuple[int, int, int]:
@@ -74,12 +94,25 @@ def weight_digest(model: nn.Module) -> str:
 
 
 class Trainer:
-    """See the module docstring. ``Trainer(model_args, data_args, train_args).train()``."""
+    """See the module docstring. ``Trainer(model_args, data_args, train_args).train()``.
 
-    def __init__(self, model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> None:
+    ``model_args`` is the model's arguments dataclass (:class:`ModelArguments` here, a subclass's own otherwise).
+    Hooks a subclass overrides (each called once, in this order, unless said otherwise):
+
+    - :meth:`_check_arguments`: reject option combinations before anything is built;
+    - :meth:`_load_model`, :meth:`_trainable_parameters`, :meth:`_make_collator`, :meth:`_make_objective`;
+    - :meth:`_batch_loss` (every step): how a batch of groups becomes a :class:`BatchLoss`;
+    - :meth:`_logged` (every step, after the update): the loss and terms written to the log.
+
+    What is saved is the model's own: ``model.save(folder)`` in checkpoints and as the final model, and
+    ``model.config.compensation`` in ``summary.json``.
+    """
+
+    model_args: ModelArguments
+
+    def __init__(self, model_args: Any, data_args: DataArguments, args: TrainArguments) -> None:
         self.model_args, self.data_args, self.args = model_args, data_args, args
-        if args.phase == "compensation" and not model_args.init_checkpoint:
-            raise OptionError("init_checkpoint", None, "a self-distilled checkpoint for the compensation phase")
+        self._check_arguments()
         self.rank, self.world, self.local_rank = _dist()
         self.output = Path(args.output_dir)
         self.device = self._pick_device()
@@ -90,22 +123,17 @@ class Trainer:
         self.model = self._load_model().to(self.device)
         self.params = self._trainable_parameters()
         self.sampler = self._sampler()
-        self.collator = GroupCollator(self.model.layout, self.model.tokenizer)
-        self.objective = build_objective(args, tuple(self.model.config.exits), self.sampler.has_teacher)
+        self.collator = self._make_collator()
+        self.objective = self._make_objective()
 
-    # ------------------------------------------------------------------------------------------------ setup
-    def _pick_device(self) -> torch.device:
-        wanted = self.args.device
-        if wanted == "auto":
-            wanted = "cuda" if torch.cuda.is_available() else "cpu"
-        if wanted == "cuda":
-            if not torch.cuda.is_available():
-                raise OptionError("device", "cuda", "'cpu' or 'auto': no CUDA device is visible")
-            torch.cuda.set_device(self.local_rank)
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cpu")
+    # ------------------------------------------------------------------------------------------------ hooks
+    def _check_arguments(self) -> None:
+        """Raise :class:`OptionError` for options that cannot train together (before any model is loaded)."""
+        if self.args.phase == "compensation" and not self.model_args.init_checkpoint:
+            raise OptionError("init_checkpoint", None, "a self-distilled checkpoint for the compensation phase")
 
     def _load_model(self) -> nn.Module:
+        """The model to train (moved to the device by the caller); here a built or loaded reranker."""
         from matryoshka.training.modeling import LayerwiseReranker
 
         m = self.model_args
@@ -118,6 +146,7 @@ class Trainer:
             attention=m.attention)
 
     def _trainable_parameters(self) -> list[nn.Parameter]:
+        """Set ``requires_grad`` for the phase and return the parameters the optimizer updates (and clips)."""
         from matryoshka.training.compensation import freeze_for_compensation
 
         model = self.model
@@ -131,6 +160,45 @@ class Trainer:
             model.backbone.get_input_embeddings().weight.requires_grad_(False)
         return [p for p in model.parameters() if p.requires_grad]
 
+    def _make_collator(self) -> Callable[[list], dict[str, Any]]:
+        """Turns a list of groups into a batch dict (called after the model and the sampler exist)."""
+        return GroupCollator(self.model.layout, self.model.tokenizer)
+
+    def _make_objective(self) -> Callable[..., tuple[Tensor, dict[str, Any]]]:
+        """The phase's loss function (called last in ``__init__``)."""
+        return build_objective(self.args, tuple(self.model.config.exits), self.sampler.has_teacher)
+
+    def _batch_loss(self, net: nn.Module, groups: list, step: int) -> BatchLoss:
+        """One step's loss on this rank's ``groups``, computed with ``net`` (the model, or its DDP wrapper); torch
+        is already seeded for the step. Here: the exit scores of a sampled compression, through the objective."""
+        a = self.args
+        generator = torch.Generator().manual_seed(_seed_for(a.seed, step, "compression"))
+        compression = self.model.sample_compression(generator) if self.model.config.compress_layers else None
+        batch = self.collator(groups)
+        teacher = batch.get("teacher_scores")
+        teacher = teacher.reshape(-1).to(self.device) * a.teacher_scale if teacher is not None else None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=a.bf16):
+            scores = net(**model_inputs(batch, self.device), compression=compression)
+        loss, terms = self.objective(_to_float(scores), batch["group_size"], teacher_scores=teacher)
+        return BatchLoss(loss, {k: v for k, v in terms.items() if k != "loss"},
+                         None if compression is None else compression.to_dict())
+
+    def _logged(self, batch: BatchLoss) -> tuple[float, dict[str, float]]:
+        """The logged loss and terms of a step (called after the update); here this rank's own values."""
+        return float(batch.loss.detach()), dict(batch.terms)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _pick_device(self) -> torch.device:
+        wanted = self.args.device
+        if wanted == "auto":
+            wanted = "cuda" if torch.cuda.is_available() else "cpu"
+        if wanted == "cuda":
+            if not torch.cuda.is_available():
+                raise OptionError("device", "cuda", "'cpu' or 'auto': no CUDA device is visible")
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
     def _sampler(self) -> GroupSampler:
         d = self.data_args
         sets = [load_training_set(path) for path in d.train_sets]
@@ -139,7 +207,7 @@ class Trainer:
             teachers = []
             for training_set, path in zip(sets, d.teacher_files, strict=True):
                 scores = read_teacher_scores(path)
-                _check_teacher(training_set, scores, path)
+                check_teacher_coverage(training_set, scores, path)
                 teachers.append(scores)
         return GroupSampler(sets, d.group_size, self.args.seed, teachers, d.negative_depth, d.queries_per_epoch,
                             d.positives_per_query)
@@ -239,25 +307,19 @@ class Trainer:
 
     def _step(self, net: nn.Module, groups: list, optimizer: torch.optim.Optimizer,
               scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> dict[str, Any]:
+        """Seed, :meth:`_batch_loss`, backward, clip, optimizer and scheduler step; the step's log record."""
         a = self.args
         torch.manual_seed(_seed_for(a.seed, step, self.rank))
-        generator = torch.Generator().manual_seed(_seed_for(a.seed, step, "compression"))
-        compression = self.model.sample_compression(generator) if self.model.config.compress_layers else None
-        batch = self.collator(groups)
-        teacher = batch.get("teacher_scores")
-        teacher = teacher.reshape(-1).to(self.device) * a.teacher_scale if teacher is not None else None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=a.bf16):
-            scores = net(**model_inputs(batch, self.device), compression=compression)
-        loss, terms = self.objective(_to_float(scores), batch["group_size"], teacher_scores=teacher)
+        batch = self._batch_loss(net, groups, step)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        batch.loss.backward()
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, a.max_grad_norm) if a.max_grad_norm
                      else torch.zeros(()))
         optimizer.step()
         scheduler.step()
-        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                "terms": {k: v for k, v in terms.items() if k != "loss"},
-                "compression": None if compression is None else compression.to_dict()}
+        loss, terms = self._logged(batch)
+        return {"loss": loss, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], "terms": terms,
+                "compression": batch.compression}
 
     # ------------------------------------------------------------------------------------------------ persistence
     def _save_checkpoint(self, step: int, optimizer: torch.optim.Optimizer,

@@ -1,7 +1,8 @@
-"""Training losses, one per file, chosen by :class:`LossType` (an Enum, never by matching strings).
+"""Training losses, chosen by :class:`LossType` (an Enum, never by matching strings).
 
-All share one call signature (:mod:`matryoshka.training.losses.base`): ``loss(scores [E, B], group_size,
-teacher_scores [B] | None) -> Tensor[E]`` (one value per exit). Build one with :func:`build_loss`.
+All share one call signature (:mod:`matryoshka.training.losses.group`, with the single-formula losses):
+``loss(scores [E, B], group_size, teacher_scores [B] | None) -> Tensor[E]`` (one value per exit). Build one with
+:func:`build_loss`.
 """
 
 from __future__ import annotations
@@ -9,11 +10,16 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from matryoshka.training.losses.base import GroupLoss, LossInputError, as_groups, tempered_kl
-from matryoshka.training.losses.gap import GapLoss
-from matryoshka.training.losses.listwise_ce import ListwiseCELoss
+from matryoshka.training.losses.group import (
+    GapLoss,
+    GroupLoss,
+    ListwiseCELoss,
+    LossInputError,
+    TeacherDistillLoss,
+    as_groups,
+    tempered_kl,
+)
 from matryoshka.training.losses.self_distill import SelfDistillLoss, SelfDistillStrategy, teacher_indices
-from matryoshka.training.losses.teacher_distill import TeacherDistillLoss
 
 
 class LossType(Enum):

@@ -16,7 +16,8 @@ Who teaches whom (:class:`SelfDistillStrategy`):
 - ``NEXT_DEEPER``: each exit is taught by the next deeper exit (a chain);
 - ``ANCHORS``: fixed anchor exits teach the exits below them: exit ``e`` learns from the shallowest anchor deeper
   than ``e``; the final exit is always an anchor;
-- ``TEACHER``: the external teacher's scores teach every exit, the final one included.
+- ``TEACHER``: the external teacher's scores teach every exit, the final one included (exactly
+  :class:`~matryoshka.training.losses.group.TeacherDistillLoss`, which it runs).
 
 The final exit gets 0 in every strategy but ``TEACHER``.
 """
@@ -29,7 +30,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from matryoshka.training.losses.base import GroupLoss, LossInputError, tempered_kl
+from matryoshka.training.losses.group import GroupLoss, LossInputError, TeacherDistillLoss, tempered_kl
 
 
 class SelfDistillStrategy(Enum):
@@ -72,16 +73,15 @@ class SelfDistillLoss(GroupLoss):
         self.strategy = strategy
         self.temperature = float(temperature)
         self.teachers = teacher_indices(strategy, self.exits, anchors)
-        self.needs_teacher = strategy is SelfDistillStrategy.TEACHER
+        self.external = TeacherDistillLoss(temperature) if strategy is SelfDistillStrategy.TEACHER else None
+        self.needs_teacher = self.external is not None
 
     def per_exit(self, groups: Tensor, teacher: Tensor | None) -> Tensor:
         if groups.shape[0] != len(self.exits):
             raise LossInputError(f"got scores of {groups.shape[0]} exits: expected {len(self.exits)} "
                                  f"(exits {list(self.exits)})")
-        if self.strategy is SelfDistillStrategy.TEACHER:
-            if teacher is None:
-                raise LossInputError("SelfDistillStrategy.TEACHER needs teacher_scores: expected a [batch] tensor")
-            return tempered_kl(groups, teacher.unsqueeze(0), self.temperature)
+        if self.external is not None:
+            return self.external.per_exit(groups, teacher)
         losses = []
         for index, source in enumerate(self.teachers):
             if source is None:

@@ -1,4 +1,6 @@
-"""What every loss shares: the call signature, group reshaping and the tempered KL used by the distillation losses.
+"""The group losses: what every loss shares (the call signature, group reshaping, the tempered KL) and the three
+single-formula losses (:class:`ListwiseCELoss`, :class:`TeacherDistillLoss`, :class:`GapLoss`); the exit-to-exit
+distillation is :mod:`matryoshka.training.losses.self_distill`.
 
 Every loss is called as ``loss(scores, group_size, teacher_scores=None) -> Tensor[E]``:
 
@@ -71,3 +73,45 @@ def tempered_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     log_target = torch.log_softmax(teacher.detach() / temperature, dim=-1)
     kl = (target * (log_target - log_student)).sum(dim=-1)
     return kl.mean(dim=-1) * temperature ** 2
+
+
+class ListwiseCELoss(GroupLoss):
+    """Listwise cross-entropy, the positive (index 0 of each group) as the target, per exit (no teacher needed):
+    ``loss_e = mean_q [ -log softmax(s_e[q])[0] ]``."""
+
+    def per_exit(self, groups: Tensor, teacher: Tensor | None) -> Tensor:
+        return -torch.log_softmax(groups, dim=-1)[..., 0].mean(dim=-1)
+
+
+class TeacherDistillLoss(GroupLoss):
+    """Distillation from an external teacher's scores (e.g. BM25 + bi-encoder fusion, or a larger reranker).
+
+    For every exit ``e``: ``T^2 * mean_q KL(softmax(t[q]/T) || softmax(s_e[q]/T))`` with ``t`` the teacher scores
+    (detached). The KL runs over each query's whole group, so every candidate's teacher score matters, not only
+    the positive's.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        if not temperature > 0:
+            raise LossInputError(f"temperature={temperature!r} is invalid: expected > 0")
+        self.temperature = float(temperature)
+
+    def per_exit(self, groups: Tensor, teacher: Tensor | None) -> Tensor:
+        if teacher is None:
+            raise LossInputError("TeacherDistillLoss needs teacher_scores: expected a [batch] tensor")
+        return tempered_kl(groups, teacher.unsqueeze(0), self.temperature)
+
+
+class GapLoss(GroupLoss):
+    """Gap loss: pull each exit's (compensated) score onto the final exit's score, pair by pair.
+
+    ``loss_e = mean_i (s'_e[i] - s_L[i])^2`` with ``s_L`` the final exit's score, detached (the reference does not
+    move towards the early exits); the final exit's own value is 0. Used by the COMPENSATION phase so one confidence
+    threshold means the same thing at every exit.
+    """
+
+    def per_exit(self, groups: Tensor, teacher: Tensor | None) -> Tensor:
+        final = groups[-1].detach()
+        return ((groups - final.unsqueeze(0)) ** 2).mean(dim=(-2, -1))
