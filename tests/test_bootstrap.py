@@ -104,3 +104,70 @@ def test_disable_switch() -> None:
                       "print(any(isinstance(f, b.PyseriniAdapter) for f in sys.meta_path))",
                       MATRYOSHKA_DISABLE_BOOTSTRAP="1")
     assert proc.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------ Pyserini 2.x (issue 19): version-specific fixes
+def test_each_fix_applies_to_the_versions_that_need_it() -> None:
+    assert boot.needs_fix("pyserini.encode._openai", 1) and not boot.needs_fix("pyserini.encode._openai", 2)
+    for module in ("pyserini.prebuilt_index_info", "pyserini.pyclass"):
+        assert boot.needs_fix(module, 2) and not boot.needs_fix(module, 1) and not boot.needs_fix(module, None)
+    for module in ("jnius_config", "pyserini.search.lucene.__main__", boot.SHIM_MAIN):
+        assert boot.needs_fix(module, 1) and boot.needs_fix(module, 2) and boot.needs_fix(module, None)
+
+
+def test_installed_pyserini_major_is_read_from_its_metadata() -> None:
+    import importlib.metadata
+
+    assert boot.pyserini_major() == int(importlib.metadata.version("pyserini").split(".")[0])
+
+
+CATALOG_SOURCE = '''
+loads = []
+class Lazy(dict):
+    def __getitem__(self, key):
+        loads.append(key)
+        return {"urls": ["https://example.invalid/" + key]}
+CATALOG = Lazy()
+ALIASES = {"old-name": CATALOG["new-name"], "other": CATALOG["x"]}
+NOT_A_DICT = [CATALOG["eager"]]
+'''
+
+
+def test_catalog_lookups_at_import_are_deferred_to_first_use() -> None:
+    code, count = boot.defer_catalog_lookups(CATALOG_SOURCE, "<catalog>")
+    assert count == 2
+    namespace: dict = {"__matryoshka_deferred__": boot.DeferredEntry}
+    exec(code, namespace)
+    assert namespace["loads"] == ["eager"]  # only the lookup outside a dict literal ran at import
+    alias = namespace["ALIASES"]["old-name"]
+    assert alias["urls"] == ["https://example.invalid/new-name"] and dict(alias) == {"urls": alias["urls"]}
+    assert namespace["loads"] == ["eager", "new-name"]
+
+
+def test_catalog_source_without_lookups_compiles_unchanged() -> None:
+    code, count = boot.defer_catalog_lookups("A = {'k': 1}\nB = A['k']\n", "<plain>")
+    namespace: dict = {}
+    exec(code, namespace)
+    assert count == 0 and namespace["B"] == 1
+
+
+def test_a_failing_jvm_start_is_reported_in_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.delenv("PYSERINI_VERBOSE_JVM", raising=False)
+    monkeypatch.setenv("JAVA_HOME", "/opt/some-java")
+
+    class Inner:
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            raise SystemError("JVM failed to start: -1")
+
+    loader = boot._WrappedLoader(Inner(), "pyserini.pyclass", on_error=boot.report_jvm_failure)
+    with pytest.raises(SystemError):
+        loader.exec_module(type(sys)("pyserini.pyclass"))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/opt/some-java" in err and "PYSERINI_VERBOSE_JVM=1" in err
+    monkeypatch.setenv("PYSERINI_VERBOSE_JVM", "1")  # Pyserini shows the JVM's own message then
+    with pytest.raises(SystemError):
+        loader.exec_module(type(sys)("pyserini.pyclass"))
+    assert capsys.readouterr().err == ""
