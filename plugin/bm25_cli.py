@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from matryoshka.errors import OptionError, cli_main
+from matryoshka.errors import cli_main
 from matryoshka.pipeline import bm25_search, prepare_beir, trec_eval
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "scifact"
@@ -38,11 +38,9 @@ def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.hits < 1:
-        raise OptionError("--hits", args.hits, "a positive number of hits per query")
-    from matryoshka.plugin.session import check_threads  # the one bound on threads: the CPUs available here
+    from matryoshka.plugin.session import check_search_options  # imports onnxruntime: only once we run
 
-    check_threads(args.threads, "--threads", minimum=1)
+    check_search_options(args.hits, args.threads)
     prepared = prepare_beir(args.data, args.split, args.work, threads=args.threads)
     output = args.output or args.work / f"bm25-{args.data.name}-{args.split}.txt"
     bm25_search(prepared.index_dir, prepared.topics, output, hits=args.hits, threads=args.threads)

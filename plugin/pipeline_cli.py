@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from matryoshka.errors import OptionError, cli_main
+from matryoshka.errors import cli_main
 from matryoshka.io.atomic import atomic_write
 from matryoshka.pipeline import bm25_search, prepare_beir, run_pyserini, trec_eval
 from matryoshka.plugin.bm25_cli import DEFAULT_DATA
@@ -120,11 +120,9 @@ def print_table(title: str, lines: Sequence[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.hits < 1:
-        raise OptionError("--hits", args.hits, "a positive number of hits per query")
-    from matryoshka.plugin.session import check_threads  # the one bound on threads: the CPUs available here
+    from matryoshka.plugin.session import check_search_options  # imports onnxruntime: only once we run
 
-    check_threads(args.threads, "--threads", minimum=1)
+    check_search_options(args.hits, args.threads)
     from matryoshka.plugin.api import resolve_model_dir
 
     model = resolve_model_dir(args.model)

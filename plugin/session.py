@@ -123,6 +123,13 @@ class StageSession:
         return dict(zip(names, values, strict=True))
 
 
+def check_search_options(hits: int, threads: int) -> None:
+    """The BM25-first-stage CLIs' ``--hits`` (a positive number) and ``--threads`` (1 to the CPUs available here)."""
+    if hits < 1:
+        raise OptionError("--hits", hits, "a positive number of hits per query")
+    check_threads(threads, "--threads", minimum=1)
+
+
 def open_stage(path: Path, providers: Sequence[str], threads: int | None, allowed_inputs: Sequence[str],
                required_outputs: Sequence[str], fetch: Sequence[str] | None = None) -> StageSession:
     """Open a stage file; checks its inputs are among ``allowed_inputs`` and it has ``required_outputs``.
