@@ -26,17 +26,17 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from matryoshka.checks import is_int
 from matryoshka.errors import MatryoshkaError, MissingInputError
 from matryoshka.io.trec import Run, RunEntry, sort_hits
 from matryoshka.plugin.cascade import Cascade, CascadeResult
+from matryoshka.plugin.engines import DEFAULT_ENGINE, QueryTask, run_engine
 from matryoshka.plugin.fusion import FirstStageScoreError, check_first_stage_weight, check_fusion, fuse
 from matryoshka.plugin.manifest import MANIFEST_NAME
 from matryoshka.plugin.policies import (
@@ -154,6 +154,12 @@ class MatryoshkaReranker:
         fusion = None if fusion is None else check_fusion(fusion)
         depth = check_depth(depth)
         self.model_dir = resolve_model_dir(model_dir)
+        #: the arguments that rebuild this reranker elsewhere (a Ray worker: the same model path, verified there)
+        self.options: dict[str, Any] = {
+            "model_dir": os.path.abspath(self.model_dir), "policy": policy, "threshold": threshold,
+            "providers": providers, "threads": threads, "batch_size": batch_size, "precision": precision,
+            "top_k": top_k, "exit_layer": exit_layer, "verify": verify, "first_stage_weight": first_stage_weight,
+            "depth": depth, "fusion": fusion}
         self.cascade = Cascade(self.model_dir, precision=precision, providers=providers, threads=threads,
                                batch_size=batch_size, verify=verify)
         manifest = self.cascade.manifest
@@ -314,21 +320,32 @@ class MatryoshkaReranker:
         return out
 
     def rerank_run(self, run: RunLike, topics: Mapping[str, str], doc_text_lookup: Lookup,
-                   depth: int | None = None, progress: bool = False) -> dict[str, dict[str, float]]:
+                   depth: int | None = None, progress: bool = False, engine: str = DEFAULT_ENGINE,
+                   **engine_options: Any) -> dict[str, dict[str, float]]:
         """Rerank every query of a run (``Run``, ``{qid: {docid: score}}`` or ``{qid: [docid, ...]}`` in ranked
         order) and return ``{qid: {docid: score}}`` in the run's query order. Only the top ``depth`` candidates of
         each query are scored (None = the reranker's ``depth``, 0 = all); the text of those is fetched with
         ``doc_text_lookup``, which must also know every candidate below the depth. The run's
         scores are the first-stage scores fused by ``first_stage_weight`` (bare docid lists have none: they need
-        ``first_stage_weight=0``)."""
+        ``first_stage_weight=0``).
+
+        ``engine`` (:mod:`matryoshka.plugin.engines`): ``local`` (this process) or ``ray`` (Ray actors, each
+        rebuilding this reranker from :attr:`options`; ``engine_options`` ``address``, ``workers``, ``on_result``:
+        see :func:`matryoshka.plugin.ray_engine.rerank_ray`). The texts are fetched and checked here either way, and
+        the result and :attr:`stats` are the same whatever the engine."""
         depth = self._depth(depth)
         queries = run.queries if isinstance(run, Run) else run
         lookup, source = lookup_function(doc_text_lookup)
         missing = [qid for qid in queries if qid not in topics]
         if missing:
             raise MissingTopicError(missing[0])
-        reranked: dict[str, dict[str, float]] = {}
-        for qid in tqdm(list(queries), desc="matryoshka rerank", unit="query", disable=not progress):
+        tasks = self._tasks(queries, topics, lookup, source, depth)
+        return run_engine(engine, self, tasks, len(queries), progress, **engine_options)
+
+    def _tasks(self, queries: Mapping[str, Any], topics: Mapping[str, str], lookup: Callable[[str], str | None],
+               source: str, depth: int | None) -> Iterator[QueryTask]:
+        """The run's queries as :class:`QueryTask` (lazily: a task's texts are read when the engine asks for it)."""
+        for qid in queries:
             query = check_text(topics[qid], f"query {qid!r}", allow_empty=False)
             docids, first_stage = ranked_hits(queries[qid])
             texts = []
@@ -340,5 +357,4 @@ class MatryoshkaReranker:
             for docid in docids[depth:] if depth is not None else ():  # kept unscored, but never made up
                 if lookup(docid) is None:
                     raise MissingDocumentError(qid, docid, source)
-            reranked[qid] = self._rerank_query(query, docids, texts, depth, first_stage, qid)
-        return reranked
+            yield QueryTask(qid, query, docids, texts, first_stage, depth)

@@ -6,14 +6,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from matryoshka.errors import DataFormatError, MissingInputError, OptionError
 from matryoshka.io.atomic import NotRegularFileError, check_regular_target
 from matryoshka.io.trec import read_run, read_topics, write_run
 from matryoshka.plugin.api import MatryoshkaReranker, MissingDocumentError
 from matryoshka.plugin.docs import CorpusDocs, DocumentSource, LuceneIndexDocs, check_lucene_index
+from matryoshka.plugin.engines import DEFAULT_ENGINE
 from matryoshka.plugin.fusion import NORMALIZATIONS, check_first_stage_weight
 from matryoshka.plugin.manifest import POLICY_NAMES
 from matryoshka.plugin.policies import (
@@ -149,9 +151,11 @@ def _line_of(run_path: str | os.PathLike[str], qid: str, docid: str | None = Non
 def rerank_file(reranker: MatryoshkaReranker, run_path: str | os.PathLike[str],
                 topics_path: str | os.PathLike[str], source: DocumentSource, output: str | os.PathLike[str],
                 tag: str, depth: int | None, stats_path: str | os.PathLike[str] | None,
-                run_label: str | None = None) -> None:
+                run_label: str | None = None, engine: str = DEFAULT_ENGINE,
+                engine_options: Mapping[str, Any] | None = None) -> None:
     """Rerank a TREC run file and write the result atomically (then the statistics JSON, if asked for).
-    ``run_label`` replaces the run's path in error messages (the Pyserini integration reads a temporary file)."""
+    ``run_label`` replaces the run's path in error messages (the Pyserini integration reads a temporary file);
+    ``engine`` / ``engine_options``: where the queries run (:mod:`matryoshka.plugin.engines`)."""
     if not tag or any(ch.isspace() for ch in tag):
         raise OptionError("--tag", tag, "a non-empty word without spaces")
     run = read_run(run_path)
@@ -161,7 +165,8 @@ def rerank_file(reranker: MatryoshkaReranker, run_path: str | os.PathLike[str],
             raise DataFormatError(run_label or run_path, _line_of(run_path, qid), f"query {qid!r} is not in the "
                                   f"topics file {topics_path}", "pass the topics the run was made from")
     try:
-        reranked = reranker.rerank_run(run, topics, source, depth=depth, progress=True)
+        reranked = reranker.rerank_run(run, topics, source, depth=depth, progress=True, engine=engine,
+                                       **(engine_options or {}))
     except MissingDocumentError as err:
         raise DataFormatError(run_label or run_path, _line_of(run_path, err.qid, err.docid),
                               f"document {err.docid!r} of query {err.qid!r} is not in {source.describe()}",

@@ -10,6 +10,11 @@ Passage texts come from a Lucene index that stores raw documents (``--index``) o
 ``corpus.jsonl`` or Pyserini JsonCollection ``.jsonl``). Passages longer than the model's ``max_length`` are
 truncated to the layout's passage budget. The output is written atomically, sorted by (-score, docid); bad input
 stops the run with one line naming the file, line and value, and no output is written.
+
+``--engine ray [--ray-address ADDR] [--workers N]`` spreads the queries over Ray actors (one query per task; each
+actor loads and verifies the model once, ``--threads`` threads each, default 1) and writes the same run file as the
+local engine; without ``--ray-address`` a local Ray instance runs for the command (see
+:mod:`matryoshka.plugin.ray_engine`). Needs the ``[ray]`` extra.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import sys
 from collections.abc import Sequence
 
 from matryoshka.errors import cli_main
+from matryoshka.plugin.engines import add_engine_options, engine_options, get_engine
 from matryoshka.plugin.options import (
     add_model_options,
     build_reranker,
@@ -42,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, metavar="FILE", help="reranked TREC run to write")
     parser.add_argument("--tag", default="matryoshka", help="run tag of the output (default: %(default)s)")
     add_model_options(parser.add_argument_group("reranker"))
+    add_engine_options(parser.add_argument_group("engine"))
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -53,9 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_source_path(args.index, args.corpus, "--index", "--corpus")
     check_outputs([("--output", args.output), ("--stats", args.stats)],
                   [("--run", args.run), ("--topics", args.topics), ("--corpus", args.corpus)])
+    options = engine_options(args)
+    get_engine(args.engine, "--engine").prepare(options, args.threads)  # extra installed, cluster reachable
     reranker = build_reranker(args)
     source = document_source(args.index, args.corpus, "--index", "--corpus")
-    rerank_file(reranker, args.run, args.topics, source, args.output, args.tag, args.depth, args.stats)
+    rerank_file(reranker, args.run, args.topics, source, args.output, args.tag, args.depth, args.stats,
+                engine=args.engine, engine_options=options)
     return 0
 
 

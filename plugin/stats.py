@@ -53,6 +53,18 @@ class RunStats:
         if queries > 0:
             self.query_seconds.extend([seconds / queries] * queries)
 
+    def merge(self, other: RunStats) -> None:
+        """Add the counts and per-query times of ``other`` (the same model and policy: a Ray worker's statistics of
+        some queries), so that the merged statistics are those of one run over all of them."""
+        if list(other.exits) != list(self.exits):
+            raise ValueError(f"statistics of exits {list(other.exits)} cannot merge into exits {list(self.exits)}")
+        self.exit_counts += other.exit_counts
+        self.query_seconds.extend(other.query_seconds)
+        self.candidates += other.candidates
+        self.truncated += other.truncated
+        self.below_depth += other.below_depth
+        self.depth = other.depth
+
     @property
     def queries(self) -> int:
         return len(self.query_seconds)
