@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from tqdm import tqdm
 
 from matryoshka.errors import USER_ERRORS, MatryoshkaError, OptionError
@@ -165,11 +165,12 @@ def _connect(address: str | None) -> bool:
         kwargs["num_cpus"] = available_cpus()
     try:
         ray.init(address=address, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as err:
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError, RayError) as err:  # RayError: auth token
         where = f"at {address}" if address else "(local instance)"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RayClusterError(f"Ray cluster {where} cannot be joined ({first}); check the address of the head "
-                              "node (`ray status` there) or drop --ray-address") from None
+                              "node (`ray status` there), its auth token (~/.ray/auth_token or RAY_AUTH_TOKEN), or "
+                              "drop --ray-address") from None
     return True
 
 
