@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
-    rows = []
+    rows, load = [], os.getloadavg()[0]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
     for name in args.configs:
         proc = subprocess.run([sys.executable, __file__, "_worker", name, str(args.queries), str(args.hits),
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     base = next((r for r in rows if r["config"] == "local-2t"), rows[0])
     same = next((r for r in rows if r["config"] == "local-1t"), rows[0])
     command = "python benchmarks/ray_scaling.py " + shlex.join(argv)
-    lines = [f"Command: `{command.strip()}` (load average before: {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs)",
+    lines = [f"Command: `{command.strip()}` (load average before: {load:.2f}, {os.cpu_count()} CPUs)",
              "", "| config | engine | threads/worker | workers | queries | pairs | wall s | pairs/s | x local-2t "
              "| steady pairs/s | start s | overhead ms/query | run = local-1t |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -5,6 +5,7 @@
     reranker.predict([("query", "passage one"), ("query", "passage two")])   # np.ndarray of scores
     reranker.rank("query", ["passage one", "passage two"], top_k=1)           # [{"corpus_id": 1, "score": ...}]
     reranker.rerank_run(run, topics, corpus.get)                              # {qid: {docid: score}}
+    reranker.rerank_run(run, topics, corpus.get, engine="ray", workers=4)     # the same, on Ray actors
     print(reranker.stats.summary())
 
 Scores of candidates that exit early are compensated onto the final exit's scale, so one query's scores are

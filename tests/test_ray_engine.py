@@ -129,6 +129,16 @@ def test_a_model_that_does_not_verify_on_a_worker(files: dict[str, Path], tmp_pa
     assert "tokenizer.json: sha256 is" in err and "Ray" not in err
 
 
+def test_a_missing_document_mid_run(files: dict[str, Path], tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run.txt"
+    lines = files["run"].read_text().splitlines(keepends=True)
+    qid = lines[-1].split()[0]
+    run.write_text("".join(lines) + f"{qid} Q0 no-such-doc {HITS + 1} 0.5 overlap\n")
+    out = tmp_path / "out.txt"
+    err = one_error(args(run, files["topics"], out, "--engine", "ray", "--workers", "1"), capsys, out)
+    assert f"{run}:{len(lines) + 1}: document 'no-such-doc' of query '{qid}' is not in corpus" in err, err
+
+
 def test_an_unreachable_cluster_fails_first(files: dict[str, Path], tmp_path: Path, capsys) -> None:
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
