@@ -169,8 +169,8 @@ def _connect(address: str | None) -> bool:
         where = f"at {address}" if address else "(local instance)"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RayClusterError(f"Ray cluster {where} cannot be joined ({first}); check the address of the head "
-                              "node (`ray status` there), its auth token (~/.ray/auth_token or RAY_AUTH_TOKEN), or "
-                              "drop --ray-address") from None
+                              "node (`ray status` there), its auth token (RAY_AUTH_MODE=token and the head's token in "
+                              "~/.ray/auth_token or RAY_AUTH_TOKEN), or drop --ray-address") from None
     return True
 
 

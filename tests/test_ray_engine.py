@@ -10,7 +10,9 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -139,10 +141,40 @@ def test_a_missing_document_mid_run(files: dict[str, Path], tmp_path: Path, caps
     assert f"{run}:{len(lines) + 1}: document 'no-such-doc' of query '{qid}' is not in corpus" in err, err
 
 
-def test_an_unreachable_cluster_fails_first(files: dict[str, Path], tmp_path: Path, capsys) -> None:
-    with socket.socket() as probe:  # a port nothing listens on
+def free_port() -> int:
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+def test_an_existing_cluster_is_used_and_left_running(files: dict[str, Path], tmp_path: Path) -> None:
+    port = free_port()
+    ray_cli = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen([str(ray_cli), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                             "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats", "--block"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})  # a throw-away cluster on loopback
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
+                time.sleep(0.5)
+        out = tmp_path / "cluster.txt"
+        assert rerank_cli.main(args(files["run"], files["topics"], out, "--engine", "ray", "--ray-address",
+                                    f"127.0.0.1:{port}")) == 0
+        assert out.read_bytes() == files["local"].read_bytes()
+        assert head.poll() is None and not ray.is_initialized()  # disconnected, the cluster still runs
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)  # the head's process group: only what this test started
+        head.wait()
+
+
+def test_an_unreachable_cluster_fails_first(files: dict[str, Path], tmp_path: Path, capsys) -> None:
+    port = free_port()  # nothing listens on it
     out = tmp_path / "out.txt"
     err = one_error(args(files["run"], files["topics"], out, "--engine", "ray", "--ray-address", f"127.0.0.1:{port}"),
                     capsys, out)
