@@ -161,10 +161,10 @@ def _connect(address: str | None) -> bool:
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    if address is None:
+    if address is None:  # "local": a new instance, even when `ray start` or RAY_ADDRESS names another one
         kwargs["num_cpus"] = available_cpus()
     try:
-        ray.init(address=address, **kwargs)
+        ray.init(address=address or "local", **kwargs)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError, RayError) as err:  # RayError: auth token
         where = f"at {address}" if address else "(local instance)"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -174,8 +174,10 @@ def _connect(address: str | None) -> bool:
     return True
 
 
-def _start_workers(reranker: MatryoshkaReranker, workers: int | None, threads: int) -> tuple[list[Any],
-                                                                                           list[WorkerInfo]]:
+def _start_workers(reranker: MatryoshkaReranker, workers: int | None, threads: int, actors: list[Any]
+                   ) -> list[WorkerInfo]:
+    """Start the actors (into ``actors``, so that the caller alone holds their handles) and wait until each has
+    loaded and verified the model."""
     cpus = int(ray.cluster_resources().get("CPU", 0))
     if workers is None:
         workers = max(cpus // threads, 1)
@@ -183,7 +185,7 @@ def _start_workers(reranker: MatryoshkaReranker, workers: int | None, threads: i
     options = {**reranker.options, "threads": threads, "verify": True}
     actor_class = ray.remote(_Worker).options(num_cpus=threads, max_restarts=MAX_RESTARTS,
                                               max_task_retries=MAX_RESTARTS)
-    actors = [actor_class.remote(options) for _ in range(workers)]
+    actors.extend(actor_class.remote(options) for _ in range(workers))
     expected = sha256_file(reranker.model_dir / MANIFEST_NAME)
     try:
         states = ray.get([a.ready.remote() for a in actors], timeout=READY_TIMEOUT_S)
@@ -199,12 +201,12 @@ def _start_workers(reranker: MatryoshkaReranker, workers: int | None, threads: i
                                  f"the driver's has {expected} (copy the same model folder to every machine)")
         infos.append(WorkerInfo(pid, node))
     logger.info("%d Ray workers (%d thread(s) each): %s", workers, threads, infos)
-    return actors, infos
+    return infos
 
 
 def _results(actors: list[Any], tasks: Iterator[QueryTask]) -> Iterator[tuple[str, dict[str, float], RunStats]]:
     """Keep every actor's queue at :data:`IN_FLIGHT` tasks; yield each query's result once, as it arrives."""
-    pending: dict[Any, tuple[Any, str]] = {}
+    pending: dict[Any, tuple[Any, str]] = {}  # object ref -> (actor, qid)
     done: set[str] = set()
 
     def submit(actor: Any) -> None:
@@ -240,9 +242,9 @@ def rerank_ray(reranker: MatryoshkaReranker, tasks: Iterable[QueryTask], total: 
     threads = reranker.options.get("threads") or 1
     check_ray_options(address, workers, threads)
     started = _connect(address)
-    actors: list[Any] = []
+    actors: list[Any] = []  # filled as they start: a run that fails part-way still stops every one of them
     try:
-        actors, infos = _start_workers(reranker, workers, threads)
+        infos = _start_workers(reranker, workers, threads, actors)
         order: list[str] = []
 
         def recorded(stream: Iterable[QueryTask]) -> Iterator[QueryTask]:
@@ -266,8 +268,7 @@ def rerank_ray(reranker: MatryoshkaReranker, tasks: Iterable[QueryTask], total: 
             reranker.stats.merge(stats)
         return reranked
     finally:
+        for actor in actors:  # on a cluster that stays up, the workers go now, not when their handles are freed
+            ray.kill(actor)
         if started:
             ray.shutdown()
-        else:
-            for actor in actors:
-                ray.kill(actor)
