@@ -1,4 +1,4 @@
-"""Pyserini 1.6's own CLIs work in this environment with no extra environment variables (issue 2)."""
+"""Pyserini's own CLIs work in this environment with no extra environment variables (issue 2), on 1.6 and 2.x."""
 
 from __future__ import annotations
 

@@ -9,6 +9,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$REPO"
-ensure_venv "$REPO/.venv" "train,export,bench,dev"
+ensure_venv "$REPO/.venv" "train,export,bench,ray,dev"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec "$REPO/.venv/bin/python" -m matryoshka pipeline --hits 30 "$@"
