@@ -60,6 +60,10 @@ class OptionError(MatryoshkaError, ValueError):
 USER_ERRORS: tuple[type[BaseException], ...] = (MatryoshkaError, FileExistsError)
 
 
+class ModelConfigError(MatryoshkaError, ValueError):
+    """A model option or a saved model configuration that cannot be used."""
+
+
 def cli_main(main: Callable[P, int]) -> Callable[P, int]:
     """Decorate a ``main(argv) -> int``: a user error (:data:`USER_ERRORS`) becomes ``error: <one line>`` on stderr
     and exit status 2, the one convention of every CLI of the project."""

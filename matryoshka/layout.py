@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from matryoshka.errors import ModelConfigError
+
 Family = Literal["encoder", "decoder"]
 DECODER_QUERY_PREFIX = "A: "
 DECODER_PASSAGE_PREFIX = "\nB: "
@@ -156,6 +158,34 @@ class PairLayout:
         q_enc = tokenizer.encode_batch(list(queries), add_special_tokens=False)
         p_enc = tokenizer.encode_batch(list(passages), add_special_tokens=False)
         return self.assemble([e.ids for e in q_enc], [e.ids for e in p_enc])
+
+
+@dataclass(frozen=True)
+class Compression:
+    """Pool passage segment B by ``ratio`` right after (1-based) layer ``layer``: the one definition used by the
+    training config, the export and the manifest (``{"layer": l, "ratio": r}`` in both files)."""
+
+    layer: int
+    ratio: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise ModelConfigError(f"compression layer={self.layer!r} is invalid: expected an integer >= 1")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, int) or self.ratio < 2:
+            raise ModelConfigError(f"compression ratio={self.ratio!r} is invalid: expected an integer >= 2 "
+                                   "(a ratio of 1 means no compression: pass None instead)")
+
+    def to_dict(self) -> dict[str, int]:
+        return {"layer": self.layer, "ratio": self.ratio}
+
+    @classmethod
+    def from_value(cls, value: Compression | dict[str, Any] | None) -> Compression | None:
+        if value is None or isinstance(value, Compression):
+            return value
+        if not isinstance(value, dict) or set(value) != {"layer", "ratio"}:
+            raise ModelConfigError(f"inference_compression={value!r} is invalid: expected "
+                                   "{'layer': <int>, 'ratio': <int>} or null")
+        return cls(layer=value["layer"], ratio=value["ratio"])
 
 
 def lcm_of(values: Sequence[int]) -> int:

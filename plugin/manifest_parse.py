@@ -224,11 +224,12 @@ def _stage(r: _Reader, raw: Any, k: int, exits: tuple[int, ...], encoding: str =
     comp_raw = r.get(raw, "compression", where, dict, optional=True)
     compression = None
     if comp_raw is not None:
-        compression = Compression(r.get(comp_raw, "layer", f"{where}.compression", int),
-                                  r.get(comp_raw, "ratio", f"{where}.compression", int))
-        if not layers[0] < compression.layer <= layers[1] or compression.ratio < 1:
-            raise r.fail(f"{where}.compression", f"expected layer in ({layers[0]}, {layers[1]}] and ratio >= 1, got "
+        layer = r.get(comp_raw, "layer", f"{where}.compression", int)
+        ratio = r.get(comp_raw, "ratio", f"{where}.compression", int)
+        if not layers[0] < layer <= layers[1] or ratio < 2:
+            raise r.fail(f"{where}.compression", f"expected layer in ({layers[0]}, {layers[1]}] and ratio >= 2, got "
                          f"{comp_raw!r}")
+        compression = Compression(layer, ratio)
     cost = float(r.get(raw, "relative_cost", where, (int, float)))
     if cost <= 0:
         raise r.fail(f"{where}.relative_cost", f"expected a number > 0, got {cost!r}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from matryoshka.errors import DataFormatError
-from matryoshka.layout import PairLayout
+from matryoshka.layout import Compression, PairLayout
 from matryoshka.plugin.policies import POLICIES
 
 SCHEMA_VERSION = 1
@@ -90,12 +90,6 @@ class FileSpec:
     def from_file(cls, folder: PathLike, path: str, validated_atol: float | None = None) -> FileSpec:
         """Describe ``folder/path`` (a POSIX path relative to the model folder) with its current sha256."""
         return cls(path, sha256_file(Path(folder) / path), validated_atol)
-
-
-@dataclass(frozen=True)
-class Compression:
-    layer: int
-    ratio: int
 
 
 @dataclass(frozen=True)

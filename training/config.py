@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from matryoshka.errors import DataFormatError, MatryoshkaError
+from matryoshka.errors import DataFormatError, ModelConfigError
 from matryoshka.io import atomic_write
-from matryoshka.layout import PairLayout, lcm_of
+from matryoshka.layout import Compression, PairLayout, lcm_of
 
 CONFIG_FILE = "matryoshka_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -38,35 +38,6 @@ SEGMENT_MODEL_TYPES = ("bert",)
 CONFIG_VERSION = 1
 
 
-class ModelConfigError(MatryoshkaError, ValueError):
-    """A model option or a saved model configuration that cannot be used."""
-
-
-@dataclass(frozen=True)
-class Compression:
-    """Pool passage segment B by ``ratio`` right after (1-based) layer ``layer``."""
-
-    layer: int
-    ratio: int
-
-    def __post_init__(self) -> None:
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise ModelConfigError(f"compression layer={self.layer!r} is invalid: expected an integer >= 1")
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, int) or self.ratio < 2:
-            raise ModelConfigError(f"compression ratio={self.ratio!r} is invalid: expected an integer >= 2 "
-                                   "(a ratio of 1 means no compression: pass None instead)")
-
-    def to_dict(self) -> dict[str, int]:
-        return {"layer": self.layer, "ratio": self.ratio}
-
-    @classmethod
-    def from_value(cls, value: Compression | dict[str, Any] | None) -> Compression | None:
-        if value is None or isinstance(value, Compression):
-            return value
-        if not isinstance(value, dict) or set(value) != {"layer", "ratio"}:
-            raise ModelConfigError(f"inference_compression={value!r} is invalid: expected "
-                                   "{'layer': <int>, 'ratio': <int>} or null")
-        return cls(layer=value["layer"], ratio=value["ratio"])
 
 
 def package_versions() -> dict[str, str]:

@@ -5,8 +5,8 @@ For a student exit ``e`` with teacher logits ``t`` (a deeper exit's scores, or e
     T^2 * mean_q KL(softmax(t[q]/T) || softmax(s_e[q]/T))          (teacher detached)
 
 Direction: the teacher's distribution is the target (forward KL, as in Hinton et al. and FlagEmbedding's code).
-The principle page writes ``KL(softmax(s_l/T) || softmax(s_L/T))`` (student first); with a detached teacher the
-two differ only in which distribution weights the log-ratio; we use the teacher-weighted one, which is the
+The reverse direction, ``KL(softmax(s_l/T) || softmax(s_L/T))`` (student first), is also seen; with a detached
+teacher the two differ only in which distribution weights the log-ratio; we use the teacher-weighted one, which is the
 cross-entropy to the teacher's soft labels minus a constant, so its gradient is ``(p_student - p_teacher) / T``
 per logit (times ``T^2``), well behaved for every ``T``.
 
