@@ -72,6 +72,7 @@ def assert_reranked(out: Path, first_stage: Path, tag: str) -> None:
     assert changed >= len(before.queries) // 2, changed
 
 
+@pytest.mark.both_lines
 def test_lucene_with_reranker(reranked, bm25_run: Path) -> None:
     out, stats, proc = reranked
     assert_reranked(out, bm25_run, "Anserini-matryoshka")
@@ -81,6 +82,7 @@ def test_lucene_with_reranker(reranked, bm25_run: Path) -> None:
     assert sum(stats["exit_histogram"].values()) == stats["candidates"]
 
 
+@pytest.mark.both_lines
 def test_threshold_one_equals_fixed_full_depth_also_through_the_shim(tmp_path: Path, lucene_args, model: Path,
                                                                       reranked) -> None:
     one, fixed = tmp_path / "one.txt", tmp_path / "fixed.txt"
@@ -106,6 +108,7 @@ def java_with_vector_module() -> str | None:
     return None
 
 
+@pytest.mark.both_lines
 def test_pyserini_unchanged_without_reranker(tmp_path: Path, lucene_args) -> None:
     home = java_with_vector_module()
     if home is None:
@@ -184,6 +187,7 @@ def faiss_index(tmp_path_factory: pytest.TempPathFactory, scifact_mini_collectio
     return index, encoder
 
 
+@pytest.mark.both_lines
 def test_faiss_with_reranker(tmp_path: Path, faiss_index, model: Path, scifact_mini_index: Path,
                              scifact_mini_topics: Path) -> None:
     index, encoder = faiss_index
@@ -197,6 +201,7 @@ def test_faiss_with_reranker(tmp_path: Path, faiss_index, model: Path, scifact_m
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.both_lines
 def test_hybrid_with_reranker(tmp_path: Path, faiss_index, model: Path, scifact_mini_index: Path,
                               scifact_mini_topics: Path) -> None:
     index, encoder = faiss_index

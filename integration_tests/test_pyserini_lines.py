@@ -15,6 +15,8 @@ import pytest
 from integration_tests.test_plugin_pyserini import cli, env, leftovers
 from matryoshka._bootstrap import pyserini_major
 
+pytestmark = pytest.mark.both_lines
+
 # BM25 top-100 of the 30 scifact-mini test queries, the top 10 reranked by the bundled default model as shipped
 # (int8 stages, tuned policy and fusion), trec_eval -c. BM25 alone: 0.7682 (test_pyserini_backend.py).
 RERANKED_NDCG10 = 0.7844

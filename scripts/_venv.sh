@@ -60,6 +60,12 @@ ensure_venv() {
   if [ ! -x "$venv/bin/python" ]; then
     echo "building the Python $py environment in $venv (first time only)" >&2
     mkdir -p "$(dirname "$venv")"
+    if [ "$py" != "3.11" ]; then  # a venv of an older pyproject/setup.py is superseded (several GB each): remove it
+      local old
+      for old in "$(dirname "$venv")/venv-py$py-"*; do
+        if [ -d "$old" ] && [ "$old" != "$venv" ]; then rm -rf "$old"; fi
+      done
+    fi
     "$(pick_python "$py")" -m venv "$venv"
   fi
   local pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)

@@ -8,10 +8,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$REPO"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-# The reranker path through Pyserini's own CLIs (lucene, the shim, faiss, hybrid, trec_eval) and `matryoshka rerank`:
-# what must work on both Pyserini lines.
-PYSERINI_LINE_TESTS=(integration_tests/test_plugin_pyserini.py integration_tests/test_pyserini_backend.py
-                     integration_tests/test_pyserini_lines.py)
+# The reranker path through Pyserini's own CLIs (lucene, the shim, faiss, hybrid, trec_eval) and `matryoshka rerank`,
+# what must work on both Pyserini lines, is marked `both_lines` (pyproject.toml) in integration_tests/.
 
 run_line() {  # run_line PYTHON EXTRAS PYTEST-ARGS...
   local py="$1" extras="$2" venv
@@ -32,7 +30,7 @@ run_line 3.11 "train,export,bench,ray,dev" tests integration_tests || status=$?
 if [ "${MATRYOSHKA_SECOND_LINE:-1}" = "0" ]; then
   echo "NOTE: MATRYOSHKA_SECOND_LINE=0: the Python 3.12 + Pyserini 2.x pass was skipped" >&2
 elif pick_python 3.12 >/dev/null 2>&1; then
-  run_line 3.12 "train,export,dev" "${PYSERINI_LINE_TESTS[@]}" || status=$?
+  run_line 3.12 "train,export,dev" -m both_lines integration_tests || status=$?
 else
   echo "WARNING: no Python 3.12 found: the Pyserini 2.x line was NOT tested (install Python 3.12, e.g. with pyenv)" >&2
 fi
