@@ -1,6 +1,7 @@
 # Shared by scripts/test.sh and scripts/main.sh: create or reuse a virtual environment and install the project.
 #   ensure_venv DIR EXTRAS [PYTHON]   EXTRAS like "train,export,dev" or "" for the runtime only; PYTHON "3.11" (default)
 #                                     or "3.12"/"3.13" (which resolve Pyserini 2.x instead of 1.6)
+#   line_extras PYTHON                the extras main.sh and test.sh install on that line
 #   line_venv PYTHON                  where that line's venv lives: .venv in the clone for 3.11; for other Pythons a
 #                                     venv outside the clone, keyed by pyproject.toml + setup.py (a new key = new venv)
 # MATRYOSHKA_PYTHON picks the line for main.sh/test.sh; MATRYOSHKA_TORCH overrides the torch requirement installed
@@ -33,6 +34,12 @@ torch_requirement() {
   if [ -n "${MATRYOSHKA_TORCH:-}" ]; then echo "$MATRYOSHKA_TORCH"
   elif [ "$1" = "3.11" ]; then echo "torch==2.13.0"
   else echo "torch==2.14.1"; fi
+}
+
+# Extras of the development venvs (main.sh and test.sh share them): everything on 3.11; no Ray on other lines (its
+# tests run on 3.11 only).
+line_extras() {
+  if [ "${1:-3.11}" = "3.11" ]; then echo "train,export,bench,ray,dev"; else echo "train,export,bench,dev"; fi
 }
 
 install_key() {

@@ -9,6 +9,8 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$REPO"
-ensure_venv "$REPO/.venv" "train,export,bench,ray,dev"
+py="${MATRYOSHKA_PYTHON:-3.11}"  # 3.12: Pyserini 2.x, in a venv outside the clone (scripts/_venv.sh)
+venv="$(line_venv "$py")"
+ensure_venv "$venv" "$(line_extras "$py")" "$py"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec "$REPO/.venv/bin/python" -m matryoshka pipeline --hits 30 "$@"
+exec "$venv/bin/python" -m matryoshka pipeline --hits 30 "$@"

@@ -11,26 +11,26 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # The reranker path through Pyserini's own CLIs (lucene, the shim, faiss, hybrid, trec_eval) and `matryoshka rerank`,
 # what must work on both Pyserini lines, is marked `both_lines` (pyproject.toml) in integration_tests/.
 
-run_line() {  # run_line PYTHON EXTRAS PYTEST-ARGS...
-  local py="$1" extras="$2" venv
-  shift 2
+run_line() {  # run_line PYTHON PYTEST-ARGS...
+  local py="$1" venv
+  shift
   venv="$(line_venv "$py")"
-  ensure_venv "$venv" "$extras" "$py"
+  ensure_venv "$venv" "$(line_extras "$py")" "$py"
   echo "== Python $py, Pyserini $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("pyserini"))'): pytest $*" >&2
   "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
 }
 
 py="${MATRYOSHKA_PYTHON:-3.11}"
 if [ "$#" -gt 0 ]; then
-  if [ "$py" = "3.11" ]; then run_line 3.11 "train,export,bench,ray,dev" "$@"; else run_line "$py" "train,export,dev" "$@"; fi
+  run_line "$py" "$@"
   exit $?
 fi
 status=0
-run_line 3.11 "train,export,bench,ray,dev" tests integration_tests || status=$?
+run_line 3.11 tests integration_tests || status=$?
 if [ "${MATRYOSHKA_SECOND_LINE:-1}" = "0" ]; then
   echo "NOTE: MATRYOSHKA_SECOND_LINE=0: the Python 3.12 + Pyserini 2.x pass was skipped" >&2
 elif pick_python 3.12 >/dev/null 2>&1; then
-  run_line 3.12 "train,export,dev" -m both_lines integration_tests || status=$?
+  run_line 3.12 -m both_lines integration_tests || status=$?
 else
   echo "WARNING: no Python 3.12 found: the Pyserini 2.x line was NOT tested (install Python 3.12, e.g. with pyenv)" >&2
 fi
