@@ -146,6 +146,9 @@ def _set_hash(data: dict) -> None:
     (lambda d: d["model"].pop("num_layers"), "model.num_layers: required field is missing"),
     (lambda d: d["model"].__setitem__("hidden_size", "8"), "model.hidden_size: expected int"),
     (lambda d: d["layout"].__setitem__("family", "decoder"), "layout"),
+    (lambda d: d["stages"][1].__setitem__("compression", {"layer": 3, "ratio": 1}),
+     r"stages\[1\].compression: expected layer in \(2, 4\] and ratio >= 2"),
+    (lambda d: d["stages"][1].__setitem__("compression", {"layer": 5, "ratio": 2}), r"stages\[1\].compression"),
     (_set_hash, "sha256"),
 ])
 def test_tampered_manifest(tmp_path: Path, change, pattern: str) -> None:
