@@ -5,7 +5,8 @@ bi-encoder's cosine alone (``--encoder``, 256 tokens per text, as the training-f
 training-free fusion ``0.3 * minmax(BM25) + 0.7 * minmax(cosine)``; and for every ``--models`` folder (trained
 reranker folders, or ``base`` = the untrained build of ``--encoder``) every exit alone and fused as the plugin fuses
 (first-stage weight ``--weight``, normalisations ``--fusion``: z and/or minmax); with ``--manifest``, that exported
-model's tuned cascade replayed on the last model's scores. Scores come from
+model's tuned cascade replayed on the last model's scores, and each ``--cascades`` point (``policy@threshold[:depth]``,
+depth ``all`` by default) replayed with that manifest's exits, calibration and fusion. Scores come from
 :class:`matryoshka.training.segment_cache.SegmentCache` (tested equal to the pair forward), nDCG@10 from
 :mod:`matryoshka.metrics` (trec_eval conventions; the shipped model's figures also come from real plugin runs
 through trec_eval, see BENCHMARKS.md).
@@ -28,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_worker import dataset_dir  # noqa: E402
+from matryoshka.errors import OptionError, cli_main  # noqa: E402
 
 Scores = dict[str, dict[str, float]]
 FUSION_BM25_WEIGHT = 0.3  # the training-free baseline of issue 15: 0.3 * minmax(BM25) + 0.7 * minmax(cosine)
@@ -49,7 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="markdown table to write")
     parser.add_argument("--manifest", default=None, help="an exported model folder: replay its tuned cascade (policy,"
                         " threshold, depth, first-stage weight, exits) on the LAST --models folder's scores")
+    parser.add_argument("--cascades", nargs="*", default=[], metavar="POLICY@T[:DEPTH]",
+                        help="more cascade points to replay with --manifest (e.g. topk@0.8 topk@0.9:20; depth "
+                             "'all' when left out)")
     return parser
+
+
+def parse_cascade(text: str) -> tuple[str, float, int | None]:
+    """``policy@threshold[:depth]`` -> (policy, threshold, depth or None = every candidate)."""
+    from matryoshka.plugin.policies import POLICIES
+
+    point, _, depth = text.partition(":")
+    name, _, threshold = point.partition("@")
+    try:
+        value = float(threshold)
+        rerank_depth = None if depth in ("", "all") else int(depth)
+    except ValueError:
+        raise OptionError("cascades", text, "policy@threshold[:depth], e.g. topk@0.8 or topk@0.9:20") from None
+    if name not in POLICIES or (rerank_depth is not None and rerank_depth < 1):
+        raise OptionError("cascades", text, f"a policy among {', '.join(POLICIES)} and a depth >= 1 or 'all'")
+    return name, value, rerank_depth
 
 
 def bm25_hits(name: str, split: str, depth: int, work: Path):
@@ -126,9 +147,10 @@ def cosine_baseline(encoder: str, dataset, hits: Scores, cache_dir: Path) -> Sco
     return out
 
 
-def cascade_row(folder: str, per_exit: Mapping[int, Scores], hits: Scores, qrels) -> list[tuple[str, float]]:
-    """The manifest's tuned cascade replayed (:class:`matryoshka.plugin.tuning.Recorded`, tested equal to real
-    cascade runs) on the given per-exit scores: its nDCG@10 and its share of full-depth layer-FLOPs."""
+def cascade_rows(folder: str, per_exit: Mapping[int, Scores], hits: Scores, qrels,
+                 extra: Sequence[str] = ()) -> list[tuple[str, float]]:
+    """The manifest's tuned cascade, then each ``extra`` point, replayed (:class:`matryoshka.plugin.tuning.Recorded`,
+    tested equal to real cascade runs) on the given per-exit scores: nDCG@10, share of full depth, layer-FLOPs."""
     from matryoshka.plugin.manifest import load_manifest
     from matryoshka.plugin.policies import make_policy
     from matryoshka.plugin.tuning import Recorded
@@ -143,14 +165,19 @@ def cascade_row(folder: str, per_exit: Mapping[int, Scores], hits: Scores, qrels
     cost = np.array([s.relative_cost for s in manifest.stages]).cumsum()
     residual = tuple(manifest.exit_calibration(e).residual_std for e in exits)
     recorded = Recorded(qids, docids, groups, scores, exits, residual, cost, first, fusion=spec.fusion)
-    policy = make_policy(spec.name, spec.threshold, exits, spec.threshold)
-    point = recorded.evaluate(policy, qrels, 1.0, spec.first_stage_weight, spec.depth)
     full = recorded.full_depth_ndcg(qrels, spec.first_stage_weight)
     fusion = f"{spec.fusion}, w={spec.first_stage_weight:g}"
-    label = f"{spec.name}@{spec.threshold:g}, depth {spec.depth or 'all'}, {fusion}"
-    return [(f"exits {list(exits)} full depth + BM25 ({fusion})", full),
-            (f"tuned cascade ({label})", point.ndcg10), ("tuned cascade: of full depth", point.ndcg10 / full),
-            ("tuned cascade: layer-FLOPs", point.relative_cost)]
+    rows = [(f"exits {list(exits)} full depth + BM25 ({fusion})", full)]
+    points = [("tuned cascade", spec.name, spec.threshold, spec.depth)]
+    points += [(f"cascade {text}", *parse_cascade(text)) for text in extra]
+    for title, name, threshold, depth in points:
+        policy = make_policy(name, threshold, exits, threshold)
+        point = recorded.evaluate(policy, qrels, 1.0, spec.first_stage_weight, depth)
+        label = f"{name}@{threshold:g}, depth {depth or 'all'}"
+        rows += [(f"{title} ({label}, {fusion})", point.ndcg10), (f"{title} ({label}): of full depth",
+                                                                  point.ndcg10 / full),
+                 (f"{title} ({label}): layer-FLOPs", point.relative_cost)]
+    return rows
 
 
 def rows_for(name: str, args: argparse.Namespace) -> list[tuple[str, float]]:
@@ -172,7 +199,7 @@ def rows_for(name: str, args: argparse.Namespace) -> list[tuple[str, float]]:
                 rows.append((f"{label} exit {exit_layer} + BM25 ({fusion}, w={args.weight:g})",
                              ndcg_at_k(fuse_plugin(hits, scores, args.weight, fusion), dataset.qrels)))
     if args.manifest:
-        rows += cascade_row(args.manifest, per_exit, hits, dataset.qrels)
+        rows += cascade_rows(args.manifest, per_exit, hits, dataset.qrels, args.cascades)
     return rows
 
 
@@ -186,11 +213,16 @@ def table(results: Mapping[str, Sequence[tuple[str, float]]], command: str) -> s
     return "\n".join(lines) + "\n"
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     from matryoshka.io import atomic_write
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.cascades and not args.manifest:
+        raise OptionError("cascades", " ".join(args.cascades), "a --manifest too (its exits and fusion are used)")
+    for text in args.cascades:
+        parse_cascade(text)
     results = {name: rows_for(name, args) for name in args.datasets}
     command = "python benchmarks/segment_eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = table(results, command)
