@@ -13,14 +13,18 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from torch.nn.functional import normalize as nn_normalize
+
 from matryoshka.training.config import ModelConfigError
 from matryoshka.training.modeling import COSINE_SCALE, LayerwiseReranker
 from matryoshka.training.segment_cache import SegmentCache, exit_scores
 from matryoshka.training.segment_heads import (
+    EncodedSet,
     distillation_loss,
     gap_loss,
     main,
     positive_ce,
+    regression_projections,
 )
 from tests.fixtures.tiny_models import make_tiny_base
 from tests.test_training_loop import make_training_data
@@ -113,6 +117,25 @@ def test_losses_on_hand_values() -> None:
     assert float(gap_loss(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 1.0]))) == pytest.approx(2.5)
 
 
+def test_regression_init_recovers_an_affine_map_to_the_final_mean(setup: dict[str, Path]) -> None:
+    # final means are unit vectors u; layer-1 means are M u + d: the best affine map back is exact
+    model = build(setup["base"])
+    generator = torch.Generator().manual_seed(0)
+    hidden = model.config.hidden_size
+    final = nn_normalize(torch.randn(200, hidden, generator=generator))
+    mixing, shift = torch.randn(hidden, hidden, generator=generator), torch.randn(hidden, generator=generator)
+    layer1 = final @ mixing.T + shift
+    means = torch.stack([layer1, torch.randn(200, hidden, generator=generator), final], dim=1)   # exits 1, 2, 4
+    data = EncodedSet(means[:120], means[120:], [[0]] * 120, [[1]] * 120)
+    r2 = regression_projections(model, data, ridge=1e-9)
+    assert r2[1] == pytest.approx(1.0, abs=1e-6) and r2[2] < 0.9     # layer 2 here is noise: a poor fit
+    assert set(r2) == {1, 2}                                          # the final exit is left as it is
+    q, p = means[:3, None], means[3:6, None]          # 3 queries x 1 passage each
+    scores = exit_scores(model, q, p, calibrated=False)
+    torch.testing.assert_close(scores[0], scores[2], atol=2e-3, rtol=0)   # exit 1 now scores as exit 4 (of 20)
+    torch.testing.assert_close(model.projections["4"].weight, torch.eye(hidden))
+
+
 def run_args(setup: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return ["--base_model", str(setup["base"]), "--train_sets", str(setup["data"]), "--output_dir", str(out),
             "--final_model_dir", str(out / "model"), "--exits", "1", "2", "4", "--max_length", "24",
@@ -148,7 +171,8 @@ def test_training_moves_early_exits_only_and_resume_equals_no_stop(setup: dict[s
 
 @pytest.mark.parametrize(("flag", "value", "named"), [
     ("--group_size", "1", "group_size"), ("--temperature", "0", "temperature"),
-    ("--label_weight", "-1", "label_weight"), ("--max_steps", "0", "max_steps")])
+    ("--label_weight", "-1", "label_weight"), ("--max_steps", "0", "max_steps"),
+    ("--projection_init", "pca", "projection_init"), ("--ridge", "-0.5", "ridge")])
 def test_bad_options_exit_2_with_one_line(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
                                           flag: str, value: str, named: str) -> None:
     assert main(run_args(setup, tmp_path / "bad", flag, value)) == 2

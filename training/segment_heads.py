@@ -10,6 +10,11 @@ exit equal to the bi-encoder's scaled cosine. This phase keeps the backbone and 
 - the compensation (``s'_l``, inputs detached) by ``gap_weight * mean((s'_l - s_L)^2)``, which puts every exit on
   the final exit's scale.
 
+With ``projection_init="regression"`` each ``P_l`` starts as the ridge least-squares affine map from layer ``l``'s
+segment mean to the unit final-layer mean, fitted in closed form on every cached training query and passage (no
+labels): exit ``l`` then starts as the cosine of the *predicted* bi-encoder embeddings instead of the cosine of the
+raw layer-``l`` means, which the anisotropy of intermediate layers makes weak.
+
 No labels are needed for the main term, so pseudo-queries (titles) from every training corpus count as much as
 judged queries. Segment means come from :class:`~matryoshka.training.segment_cache.SegmentCache`; batches are drawn
 from a generator seeded by ``(seed, step)``, so a run resumed from its checkpoint reaches the same weights. At the
@@ -46,6 +51,7 @@ from matryoshka.training.segment_cache import SegmentCache, exit_scores
 logger = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "log.jsonl"
+PROJECTION_INITS = ("identity", "regression")
 
 
 @dataclass
@@ -67,6 +73,11 @@ class SegmentHeadArguments:
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distillation term"})
     label_weight: float = field(default=0.0, metadata={"help": "weight of the listwise CE on the positive"})
     gap_weight: float = field(default=1.0, metadata={"help": "weight of the compensation's squared gap"})
+    projection_init: str = field(default="identity", metadata={"help": "start of each early exit's projection: "
+                                                                   "'identity' or 'regression' (closed-form map to "
+                                                                   "the final-layer mean)"})
+    ridge: float = field(default=1e-3, metadata={"help": "ridge of the regression init, relative to the mean "
+                                                         "feature variance"})
     save_steps: int = field(default=500, metadata={"help": "checkpoint every this many steps (0 = only at the end)"})
     resume: bool = field(default=False, metadata={"help": "continue from output_dir's checkpoint"})
     encode_batch_size: int = field(default=64, metadata={"help": "texts per encoder batch when filling the cache"})
@@ -87,7 +98,9 @@ class SegmentHeadArguments:
         for name in ("learning_rate", "temperature"):
             if not getattr(self, name) > 0:
                 raise OptionError(name, getattr(self, name), "a number > 0")
-        for name in ("label_weight", "gap_weight"):
+        if self.projection_init not in PROJECTION_INITS:
+            raise OptionError("projection_init", self.projection_init, f"one of {', '.join(PROJECTION_INITS)}")
+        for name in ("label_weight", "gap_weight", "ridge"):
             if not getattr(self, name) >= 0:
                 raise OptionError(name, getattr(self, name), "a number >= 0")
         if not self.train_sets:
@@ -156,6 +169,30 @@ def sample_batch(data: EncodedSet, args: SegmentHeadArguments, step: int) -> tup
     return torch.from_numpy(chosen.astype(np.int64)), torch.from_numpy(rows)
 
 
+@torch.no_grad()
+def regression_projections(model: LayerwiseReranker, data: EncodedSet, ridge: float) -> dict[int, float]:
+    """Set ``P_l`` of every early exit to ``argmin ||P_l x_l - normalize(x_L)||^2 + ridge * v * ||W_l||^2`` (affine;
+    ``v`` = mean feature variance of ``x_l``) over every cached query and passage mean; returns R^2 per exit."""
+    means = torch.cat([data.queries, data.passages]).double()          # [N, E, H]
+    target = nn.functional.normalize(means[:, -1], dim=-1)
+    target_centred = target - target.mean(0)
+    out = {}
+    for index, exit_layer in enumerate(model.config.exits[:-1]):
+        x = means[:, index]
+        centred = x - x.mean(0)
+        gram = centred.T @ centred
+        penalty = ridge * torch.trace(gram) / gram.shape[0]
+        weight = torch.linalg.solve(gram + penalty * torch.eye(gram.shape[0], dtype=gram.dtype),
+                                    centred.T @ target_centred)          # [H_in, H_out]
+        bias = target.mean(0) - x.mean(0) @ weight
+        layer = model.projections[str(exit_layer)]
+        layer.weight.copy_(weight.T.to(layer.weight.dtype))
+        layer.bias.copy_(bias.to(layer.bias.dtype))
+        residual = ((centred @ weight - target_centred) ** 2).sum()
+        out[exit_layer] = float(1 - residual / (target_centred ** 2).sum())
+    return out
+
+
 def trainable_modules(model: LayerwiseReranker) -> nn.ModuleDict:
     """Projection, head and compensation of every exit but the final one."""
     early = [str(e) for e in model.config.exits[:-1]]
@@ -201,6 +238,9 @@ def train(args: SegmentHeadArguments) -> Path:
         parameter.requires_grad_(False)
     cache = SegmentCache(model, out / "segment-cache", args.encode_batch_size)
     data = encode_sets(cache, sets)
+    if args.projection_init == "regression":
+        logger.info("regression init of the projections, R^2 per exit: %s",
+                    regression_projections(model, data, args.ridge))
     modules = trainable_modules(model)
     for parameter in modules.parameters():
         parameter.requires_grad_(True)
