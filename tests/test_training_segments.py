@@ -20,11 +20,13 @@ from matryoshka.training.modeling import COSINE_SCALE, LayerwiseReranker
 from matryoshka.training.segment_cache import SegmentCache, exit_scores
 from matryoshka.training.segment_heads import (
     EncodedSet,
+    SegmentHeadArguments,
     distillation_loss,
     gap_loss,
     main,
     positive_ce,
     regression_projections,
+    step_loss,
 )
 from tests.fixtures.tiny_models import make_tiny_base
 from tests.test_training_loop import make_training_data
@@ -169,10 +171,49 @@ def test_training_moves_early_exits_only_and_resume_equals_no_stop(setup: dict[s
     assert residual["4"]["residual_std"] == 0.0 and residual["1"]["residual_std"] > 0.0
 
 
+def test_final_exit_trains_only_when_asked_and_resume_equals_no_stop(setup: dict[str, Path], tmp_path: Path) -> None:
+    final = ("--final_label_weight", "1.0", "--final_anchor_weight", "0.5", "--max_steps", "6")
+    assert main(run_args(setup, tmp_path / "straight", *final, "--save_steps", "0")) == 0
+    assert main(run_args(setup, tmp_path / "resumed", *final, "--save_steps", "3")) == 0
+    (tmp_path / "resumed" / "model").rename(tmp_path / "unused")
+    assert main(run_args(setup, tmp_path / "resumed", *final, "--save_steps", "3", "--resume")) == 0
+    straight, resumed = weights(tmp_path / "straight" / "model"), weights(tmp_path / "resumed" / "model")
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, atol=0, rtol=0, msg=key)
+    torch.manual_seed(0)
+    initial = build(setup["base"]).state_dict()
+    changed = {k for k, v in straight.items() if not torch.equal(v, initial[k])}
+    assert {"projections.4.weight", "heads.4.weight"} <= changed
+    assert not any(k.startswith("compensation.4.") for k in changed)     # the final exit's calibration stays 1, 0
+
+
+def test_final_exit_loss_terms_on_hand_values(setup: dict[str, Path]) -> None:
+    model, anchor = build(setup["base"]), build(setup["base"])
+    with torch.no_grad():
+        model.heads["4"].weight.mul_(0.5)                                  # final exit = half the anchor's scores
+    generator = torch.Generator().manual_seed(1)
+    data = EncodedSet(torch.randn(2, 3, model.config.hidden_size, generator=generator),
+                      torch.randn(4, 3, model.config.hidden_size, generator=generator), [[0], [2]], [[1], [3]])
+    batch = (torch.tensor([0, 1]), torch.tensor([[0, 1], [2, 3]]))
+    args = SegmentHeadArguments(base_model="b", train_sets=["t"], output_dir="o", final_model_dir="m",
+                                exits=[1, 2, 4], final_label_weight=1.0)
+    _, terms = step_loss(model, data, batch, args, anchor)
+    q, p = data.queries[batch[0]][:, None], data.passages[batch[1]]
+    with torch.no_grad():
+        start = exit_scores(anchor, q, p, calibrated=False)[-1]
+    assert terms["ce_final"] == pytest.approx(float(positive_ce(start / 2)), abs=1e-5)
+    assert terms["kl_final"] == pytest.approx(float(distillation_loss(start / 2, start, 1.0)), abs=1e-5)
+    assert terms["kl_final"] > 0
+    frozen = SegmentHeadArguments(base_model="b", train_sets=["t"], output_dir="o", final_model_dir="m",
+                                  exits=[1, 2, 4])
+    assert "ce_final" not in step_loss(model, data, batch, frozen)[1]
+
+
 @pytest.mark.parametrize(("flag", "value", "named"), [
     ("--group_size", "1", "group_size"), ("--temperature", "0", "temperature"),
     ("--label_weight", "-1", "label_weight"), ("--max_steps", "0", "max_steps"),
-    ("--projection_init", "pca", "projection_init"), ("--ridge", "-0.5", "ridge")])
+    ("--projection_init", "pca", "projection_init"), ("--ridge", "-0.5", "ridge"),
+    ("--final_label_weight", "-1", "final_label_weight"), ("--final_anchor_weight", "-0.25", "final_anchor_weight")])
 def test_bad_options_exit_2_with_one_line(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
                                           flag: str, value: str, named: str) -> None:
     assert main(run_args(setup, tmp_path / "bad", flag, value)) == 2

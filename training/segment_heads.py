@@ -10,6 +10,10 @@ exit equal to the bi-encoder's scaled cosine. This phase keeps the backbone and 
 - the compensation (``s'_l``, inputs detached) by ``gap_weight * mean((s'_l - s_L)^2)``, which puts every exit on
   the final exit's scale.
 
+With ``final_label_weight > 0`` the final exit's projection and head train too, by ``final_label_weight`` x
+listwise CE on the positive plus ``final_anchor_weight`` x ``KL(bi-encoder || final exit)`` (the frozen start as
+the anchor); the early exits then distil from the moving final exit (detached).
+
 With ``projection_init="regression"`` each ``P_l`` starts as the ridge least-squares affine map from layer ``l``'s
 segment mean to the unit final-layer mean, fitted in closed form on every cached training query and passage (no
 labels): exit ``l`` then starts as the cosine of the *predicted* bi-encoder embeddings instead of the cosine of the
@@ -29,6 +33,7 @@ CLI::
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
@@ -73,6 +78,12 @@ class SegmentHeadArguments:
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the distillation term"})
     label_weight: float = field(default=0.0, metadata={"help": "weight of the listwise CE on the positive"})
     gap_weight: float = field(default=1.0, metadata={"help": "weight of the compensation's squared gap"})
+    final_label_weight: float = field(default=0.0, metadata={"help": "weight of the listwise CE on the positive "
+                                      "for the FINAL exit's projection and head (0 = the final exit stays frozen, "
+                                      "exactly the bi-encoder)"})
+    final_anchor_weight: float = field(default=1.0, metadata={"help": "with final_label_weight > 0: weight of "
+                                       "KL(bi-encoder || final exit) over each group, which keeps the final exit "
+                                       "close to the function it starts as"})
     projection_init: str = field(default="identity", metadata={"help": "start of each early exit's projection: "
                                                                    "'identity' or 'regression' (closed-form map to "
                                                                    "the final-layer mean)"})
@@ -100,7 +111,7 @@ class SegmentHeadArguments:
                 raise OptionError(name, getattr(self, name), "a number > 0")
         if self.projection_init not in PROJECTION_INITS:
             raise OptionError("projection_init", self.projection_init, f"one of {', '.join(PROJECTION_INITS)}")
-        for name in ("label_weight", "gap_weight", "ridge"):
+        for name in ("label_weight", "gap_weight", "ridge", "final_label_weight", "final_anchor_weight"):
             if not getattr(self, name) >= 0:
                 raise OptionError(name, getattr(self, name), "a number >= 0")
         if not self.train_sets:
@@ -193,15 +204,27 @@ def regression_projections(model: LayerwiseReranker, data: EncodedSet, ridge: fl
     return out
 
 
-def trainable_modules(model: LayerwiseReranker) -> nn.ModuleDict:
-    """Projection, head and compensation of every exit but the final one."""
+def trainable_modules(model: LayerwiseReranker, train_final: bool = False) -> nn.ModuleDict:
+    """Projection, head and compensation of every exit but the final one (and, with ``train_final``, the final
+    exit's projection and head; its compensation stays the identity)."""
     early = [str(e) for e in model.config.exits[:-1]]
-    return nn.ModuleDict({f"{kind}_{e}": getattr(model, kind)[e] for e in early
-                          for kind in ("projections", "heads", "compensation")})
+    kinds = ("projections", "heads", "compensation")
+    modules = {f"{kind}_{e}": getattr(model, kind)[e] for e in early for kind in kinds}
+    if train_final:
+        last = str(model.config.exits[-1])
+        modules.update({f"{kind}_{last}": getattr(model, kind)[last] for kind in ("projections", "heads")})
+    return nn.ModuleDict(modules)
+
+
+def final_scores(model: LayerwiseReranker, q: Tensor, p: Tensor) -> Tensor:
+    """The final exit's raw scores from cached means (``[..., E, H]``), as :func:`exit_scores` computes them."""
+    last = model.config.exits[-1]
+    return model.head_scores(model.cosine_features(q[..., -1, :], p[..., -1, :], last), last)[0]
 
 
 def step_loss(model: LayerwiseReranker, data: EncodedSet, batch: tuple[Tensor, Tensor],
-              args: SegmentHeadArguments) -> tuple[Tensor, dict[str, float]]:
+              args: SegmentHeadArguments, anchor: LayerwiseReranker | None = None) -> tuple[Tensor, dict[str, float]]:
+    """The loss of one batch; ``anchor`` (the untrained model) is needed when the final exit trains."""
     query_rows, passage_rows = batch
     q = data.queries[query_rows][:, None]                  # [B, 1, E, H]
     p = data.passages[passage_rows]                        # [B, G, E, H]
@@ -209,6 +232,14 @@ def step_loss(model: LayerwiseReranker, data: EncodedSet, batch: tuple[Tensor, T
     final = raw[-1].detach()
     terms: dict[str, float] = {}
     total = torch.zeros(())
+    if args.final_label_weight:
+        if anchor is None:
+            raise ValueError("step_loss: final_label_weight > 0 needs the anchor model")
+        with torch.no_grad():
+            start = final_scores(anchor, q, p)
+        ce, kl = positive_ce(raw[-1]), distillation_loss(raw[-1], start, args.temperature)
+        total = total + args.final_label_weight * ce + args.final_anchor_weight * kl
+        terms["ce_final"], terms["kl_final"] = float(ce.detach()), float(kl.detach())
     for index, exit_layer in enumerate(model.config.exits[:-1]):
         distill = distillation_loss(raw[index], final, args.temperature)
         loss = distill
@@ -241,7 +272,9 @@ def train(args: SegmentHeadArguments) -> Path:
     if args.projection_init == "regression":
         logger.info("regression init of the projections, R^2 per exit: %s",
                     regression_projections(model, data, args.ridge))
-    modules = trainable_modules(model)
+    train_final = args.final_label_weight > 0
+    anchor = copy.deepcopy(model) if train_final else None
+    modules = trainable_modules(model, train_final)
     for parameter in modules.parameters():
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=args.learning_rate, weight_decay=0.0)
@@ -253,7 +286,7 @@ def train(args: SegmentHeadArguments) -> Path:
     from tqdm.auto import tqdm
 
     for step in tqdm(range(start, args.max_steps), desc="segment heads", initial=start, total=args.max_steps):
-        loss, terms = step_loss(model, data, sample_batch(data, args, step), args)
+        loss, terms = step_loss(model, data, sample_batch(data, args, step), args, anchor)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
