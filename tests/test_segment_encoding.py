@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from matryoshka.export.errors import ExportError
 from matryoshka.export.pipeline import ExportOptions, export_checkpoint
-from matryoshka.export.validate import DEFAULT_CRITERIA, Criteria
+from matryoshka.export.validate import Criteria
 from matryoshka.plugin.cascade import Cascade
 from matryoshka.plugin.manifest import ManifestError, load_manifest
 from matryoshka.plugin.policies import make_policy
@@ -50,7 +50,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # model's scores depends on the CPU's int8 kernels (CI's differ from ours), so its agreement is not gated
     segments = export_checkpoint(checkpoint, root / "segments",
                                  ExportOptions(encoding="segments", int8=True, int8_mode="per-tensor",
-                                               criteria={**DEFAULT_CRITERIA, "int8": Criteria()})).folder
+                                               criteria={"int8": Criteria()})).folder
     rng = np.random.default_rng(0)
     queries = texts(rng, 3, 1, 14)  # the longest is cut to the layout's query budget
     data = {"queries": [q for q in queries for _ in range(9)], "passages": texts(rng, 27, 1, 45),
