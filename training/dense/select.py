@@ -54,11 +54,9 @@ def recall_at(ranked: Sequence[str], judged: dict[str, int], k: int = 100) -> fl
 
 def soup(base_state: dict, tuned_state: dict, weight: float) -> dict:
     """``base + weight * (tuned - base)`` for floating-point tensors (others are taken from ``tuned``)."""
-    missing = set(base_state) ^ set(tuned_state)
-    if missing:
-        raise OptionError("--soups", weight, f"models with the same parameters (differ in {sorted(missing)[:3]})")
-    return {k: (b + weight * (tuned_state[k] - b)) if b.is_floating_point() else tuned_state[k]
-            for k, b in base_state.items()}
+    from matryoshka.training.soup import interpolate_states
+
+    return interpolate_states(base_state, tuned_state, weight, option="--soups")
 
 
 def same_weights(a, b) -> bool:
