@@ -37,11 +37,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("segment-encoding")
     base = make_tiny_base(root / "base", "bert", num_layers=4, hidden=32, heads=4)
     model = LayerwiseReranker.build(base, exits=(1, 2, 4), max_length=40, query_length=10, readout="cosine",
-                                    attention="segments").eval()
+                                    attention="segments", projection_hidden=16).eval()
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():  # trained-looking early exits: projections and heads away from their start
         for key in ("1", "2"):
             model.projections[key].weight.add_(0.3 * torch.randn(32, 32, generator=generator))
+            model.projections[key].mlp[-1].weight.normal_(0.0, 0.3, generator=generator)   # the residual MLP too
             model.heads[key].weight.mul_(0.5)
             model.compensation[key].adapter[2].weight.normal_(0.0, 0.5, generator=generator)
     checkpoint = model.save(root / "checkpoint")

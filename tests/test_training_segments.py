@@ -25,6 +25,7 @@ from matryoshka.training.segment_heads import (
     gap_loss,
     main,
     positive_ce,
+    prefit_projections,
     regression_projections,
     step_loss,
 )
@@ -236,3 +237,46 @@ def test_config_refuses_what_segments_cannot_do(setup: dict[str, Path]) -> None:
                                 attention="segments", compress_layers=(2,), compress_ratios=(2,))
     with pytest.raises(ModelConfigError, match="attention='bogus'"):
         LayerwiseReranker.build(setup["base"], exits=(2, 4), max_length=24, query_length=8, attention="bogus")
+
+
+def test_projection_mlp_starts_as_the_identity_and_only_on_early_exits(setup: dict[str, Path]) -> None:
+    plain = build(setup["base"])
+    model = LayerwiseReranker.build(setup["base"], exits=(1, 2, 4), max_length=24, query_length=8,
+                                    readout="cosine", attention="segments", projection_hidden=8).eval()
+    assert model.projections["1"].mlp is not None and model.projections["4"].mlp is None
+    expected, got = pair_scores(plain, QUERIES, PASSAGES), pair_scores(model, QUERIES, PASSAGES)
+    torch.testing.assert_close(got.raw, expected.raw, atol=1e-6, rtol=0)
+    with pytest.raises(ModelConfigError, match="projection_hidden"):
+        LayerwiseReranker.build(setup["base"], exits=(2, 4), max_length=24, query_length=8, projection_hidden=8)
+
+
+def test_prefit_moves_projections_towards_the_final_mean(setup: dict[str, Path]) -> None:
+    model = LayerwiseReranker.build(setup["base"], exits=(1, 2, 4), max_length=24, query_length=8,
+                                    readout="cosine", attention="segments", projection_hidden=16).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=generator)
+    final = torch.tanh(x @ torch.randn(32, 32, generator=generator)) + 0.1 * x ** 2    # non-linear in x
+    means = torch.stack([x, x, final], dim=1)                                           # [N, E, H]
+    data = EncodedSet(means[:32], means[32:], [[0]] * 32, [[1]] * 32)
+    args = SegmentHeadArguments(base_model="b", train_sets=["t"], output_dir="o", final_model_dir="m",
+                                exits=[1, 2, 4], prefit_steps=0, learning_rate=1e-2)
+    before = prefit_projections(model, data, args)
+    args.prefit_steps = 200
+    after = prefit_projections(model, data, args)
+    assert set(after) == {1, 2} and all(after[e] > before[e] + 0.2 for e in after)
+    assert not any(p.requires_grad for p in model.parameters())             # left frozen for the caller
+
+
+def test_projection_mlp_training_resumes_to_the_same_weights(setup: dict[str, Path], tmp_path: Path) -> None:
+    mlp = ("--projection_hidden", "8", "--prefit_steps", "5", "--projection_init", "regression", "--max_steps", "6")
+    assert main(run_args(setup, tmp_path / "straight", *mlp, "--save_steps", "0")) == 0
+    assert main(run_args(setup, tmp_path / "resumed", *mlp, "--save_steps", "3")) == 0
+    (tmp_path / "resumed" / "model").rename(tmp_path / "unused")
+    assert main(run_args(setup, tmp_path / "resumed", *mlp, "--save_steps", "3", "--resume")) == 0
+    straight, resumed = weights(tmp_path / "straight" / "model"), weights(tmp_path / "resumed" / "model")
+    assert "projections.1.mlp.1.weight" in straight and "projections.4.mlp.1.weight" not in straight
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, atol=0, rtol=0, msg=key)
+    assert LayerwiseReranker.load(tmp_path / "straight" / "model").config.projection_hidden == 8

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matryoshka.checks import is_int
 from matryoshka.errors import DataFormatError, ModelConfigError
 from matryoshka.io import atomic_write
 from matryoshka.layout import Compression, PairLayout, lcm_of
@@ -81,6 +82,7 @@ class RerankerConfig:
     adapter_hidden: int = 64
     readout: str = "token"
     attention: str = "pair"
+    projection_hidden: int = 0
     compensation: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     config_version: int = CONFIG_VERSION
@@ -111,6 +113,9 @@ class RerankerConfig:
         self._check_attention()
         if self.adapter_hidden < 1:
             raise ModelConfigError(f"adapter_hidden={self.adapter_hidden} is invalid: expected >= 1")
+        if not is_int(self.projection_hidden, 0) or (self.projection_hidden and self.readout != "cosine"):
+            raise ModelConfigError(f"projection_hidden={self.projection_hidden!r} is invalid: expected an integer "
+                                   ">= 0, and 0 unless readout='cosine'")
         layout = self.pair_layout()
         if layout.family != self.family:
             raise ModelConfigError(f"layout family {layout.family!r} does not match model family {self.family!r}")

@@ -12,8 +12,10 @@ Design (contracts in ARCHITECTURE.md):
   compensation (:class:`~matryoshka.training.compensation.ExitCompensation`, the identity until trained).
 - ``readout="cosine"`` (with ``attention="segments"``): the head of exit ``l`` reads ``normalize(P_l a) *
   normalize(P_l b)`` (element-wise), ``a``/``b`` the masked means of the query and passage segments and ``P_l`` a
-  linear map that starts as the identity; the head starts as ``COSINE_SCALE * ones``, so every exit starts as the
-  scaled cosine of the two segments, and the final exit as exactly the bi-encoder the backbone came from.
+  linear map that starts as the identity (early exits: plus a residual MLP when ``projection_hidden > 0``, whose
+  output layer starts at zero, see :class:`ExitProjection`); the head starts as ``COSINE_SCALE * ones``, so every
+  exit starts as the scaled cosine of the two segments, and the final exit as exactly the bi-encoder the backbone
+  came from.
 - ``forward`` always returns an :class:`ExitScores` (raw and calibrated scores of every exit, ``[E, B]``),
   whatever the arguments. ``compression=None`` means no compression; pass ``model.config.inference_compression``
   for inference, or :meth:`LayerwiseReranker.sample_compression` for a training step.
@@ -101,7 +103,9 @@ class LayerwiseReranker(nn.Module):
         self.compensation = nn.ModuleDict({str(e): ExitCompensation(hidden, config.adapter_hidden)
                                            for e in config.exits})
         self.compress_scorer = AttentionPoolScorer(hidden) if config.compress_method == "attention" else None
-        self.projections = (nn.ModuleDict({str(e): _identity_linear(hidden) for e in config.exits})
+        last = config.exits[-1]
+        self.projections = (nn.ModuleDict({str(e): ExitProjection(hidden, 0 if e == last else config.projection_hidden)
+                                           for e in config.exits})
                             if config.readout == "cosine" else None)
         self.layout: PairLayout = config.pair_layout()
         self.segment_start = self.layout.query_length if config.attention == "segments" else None
@@ -115,7 +119,7 @@ class LayerwiseReranker(nn.Module):
               max_length: int = 256, query_length: int = 32,
               inference_compression: Compression | dict[str, int] | None = None, adapter_hidden: int = 64,
               gguf_file: str | None = None, seed: int = 0, name: str | None = None, readout: str = "token",
-              attention: str = "pair") -> LayerwiseReranker:
+              attention: str = "pair", projection_hidden: int = 0) -> LayerwiseReranker:
         """A new reranker on the base model in ``base_model_dir`` (HF folder, or a folder with one GGUF file).
 
         ``exits``: ascending 1-based layers ending at the last layer. When omitted: every layer from
@@ -123,7 +127,8 @@ class LayerwiseReranker(nn.Module):
         ``name`` is recorded as ``config.base_model`` (default: the folder's name). ``readout``: what the heads read,
         ``"token"`` ([CLS] / the last token) or, for encoders, ``"mean"`` (the masked mean of the pair's tokens:
         [CLS] barely depends on the pair in the first layers of a mean-pooled bi-encoder such as all-MiniLM-L6-v2)
-        or ``"cosine"`` (with ``attention="segments"``: the model starts as the bi-encoder ``base_model_dir`` is).
+        or ``"cosine"`` (with ``attention="segments"``: the model starts as the bi-encoder ``base_model_dir`` is;
+        ``projection_hidden``: width of the early exits' residual projection MLP, 0 = linear only).
         """
         from matryoshka.training.loading import default_exits, load_base
 
@@ -138,7 +143,8 @@ class LayerwiseReranker(nn.Module):
             backbone_config=base.backbone_config_dict(), compress_layers=tuple(compress_layers),
             compress_ratios=tuple(compress_ratios), compress_method=compress_method,
             inference_compression=inference_compression, yes_token_id=base.yes_token_id,
-            adapter_hidden=adapter_hidden, readout=readout, attention=attention, versions=package_versions())
+            adapter_hidden=adapter_hidden, readout=readout, attention=attention, projection_hidden=projection_hidden,
+            versions=package_versions())
         if config.family == "decoder":
             window = getattr(base.hf_config, "sliding_window", None)
             if window is not None and max_length > int(window):
@@ -393,12 +399,27 @@ def _masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
-def _identity_linear(size: int) -> nn.Linear:
-    layer = nn.Linear(size, size)
-    with torch.no_grad():
-        layer.weight.copy_(torch.eye(size))
-        layer.bias.zero_()
-    return layer
+class ExitProjection(nn.Linear):
+    """``P(x) = W x + b (+ mlp(x))``: a square linear map that starts as the identity, plus, when ``hidden > 0``, a
+    residual ``LayerNorm -> Linear(size, hidden) -> GELU -> Linear(hidden, size)`` whose last layer starts at zero,
+    so a new projection is the identity either way. The state-dict keys of the linear part are those of a plain
+    ``nn.Linear`` (models saved before the MLP existed load unchanged)."""
+
+    def __init__(self, size: int, hidden: int = 0) -> None:
+        super().__init__(size, size)
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(size))
+            self.bias.zero_()
+        self.mlp: nn.Sequential | None = None
+        if hidden:
+            self.mlp = nn.Sequential(nn.LayerNorm(size), nn.Linear(size, hidden), nn.GELU(), nn.Linear(hidden, size))
+            with torch.no_grad():
+                self.mlp[-1].weight.zero_()
+                self.mlp[-1].bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        return out if self.mlp is None else out + self.mlp(x)
 
 
 def _compare_keys(expected: dict[str, Tensor], found: dict[str, Tensor]) -> tuple[list[str], list[str]]:

@@ -17,7 +17,9 @@ the anchor); the early exits then distil from the moving final exit (detached).
 With ``projection_init="regression"`` each ``P_l`` starts as the ridge least-squares affine map from layer ``l``'s
 segment mean to the unit final-layer mean, fitted in closed form on every cached training query and passage (no
 labels): exit ``l`` then starts as the cosine of the *predicted* bi-encoder embeddings instead of the cosine of the
-raw layer-``l`` means, which the anisotropy of intermediate layers makes weak.
+raw layer-``l`` means, which the anisotropy of intermediate layers makes weak. With ``projection_hidden > 0`` each
+``P_l`` also has a residual MLP, and ``prefit_steps`` first fits the whole ``P_l`` to that target by cosine loss
+(no labels) before the distillation.
 
 No labels are needed for the main term, so pseudo-queries (titles) from every training corpus count as much as
 judged queries. Segment means come from :class:`~matryoshka.training.segment_cache.SegmentCache`; batches are drawn
@@ -87,6 +89,11 @@ class SegmentHeadArguments:
     projection_init: str = field(default="identity", metadata={"help": "start of each early exit's projection: "
                                                                    "'identity' or 'regression' (closed-form map to "
                                                                    "the final-layer mean)"})
+    projection_hidden: int = field(default=0, metadata={"help": "width of each early exit's residual projection MLP "
+                                                                "(0 = linear projections)"})
+    prefit_steps: int = field(default=0, metadata={"help": "steps fitting the early exits' projections to the unit "
+                                                           "final-layer mean (cosine loss, every cached text, no "
+                                                           "labels) before the distillation; skipped on --resume"})
     ridge: float = field(default=1e-3, metadata={"help": "ridge of the regression init, relative to the mean "
                                                          "feature variance"})
     save_steps: int = field(default=500, metadata={"help": "checkpoint every this many steps (0 = only at the end)"})
@@ -103,7 +110,7 @@ class SegmentHeadArguments:
                 raise OptionError(name, value, "an integer >= 1")
         if self.group_size < 2:
             raise OptionError("group_size", self.group_size, "an integer >= 2 (a positive and a candidate)")
-        for name in ("warmup_steps", "save_steps", "threads"):
+        for name in ("warmup_steps", "save_steps", "threads", "projection_hidden", "prefit_steps"):
             if getattr(self, name) < 0:
                 raise OptionError(name, getattr(self, name), "an integer >= 0")
         for name in ("learning_rate", "temperature"):
@@ -204,6 +211,34 @@ def regression_projections(model: LayerwiseReranker, data: EncodedSet, ridge: fl
     return out
 
 
+def prefit_projections(model: LayerwiseReranker, data: EncodedSet, args: SegmentHeadArguments,
+                       batch_size: int = 512) -> dict[int, float]:
+    """Fit every early exit's projection ``P_l`` for ``args.prefit_steps`` AdamW steps to ``min 1 - cos(P_l x_l,
+    x_L)`` over random cached query and passage means (seeded by ``args.seed``); returns the mean cosine per exit
+    over every cached text afterwards."""
+    means = torch.cat([data.queries, data.passages])                     # [N, E, H]
+    target = nn.functional.normalize(means[:, -1], dim=-1)
+    early = list(model.config.exits[:-1])
+    projections = [model.projections[str(e)] for e in early]
+    parameters = [p for projection in projections for p in projection.parameters()]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.prefit_steps):
+        rows = torch.randint(0, means.shape[0], (batch_size,), generator=generator)
+        loss = sum((1 - nn.functional.cosine_similarity(projection(means[rows, i]), target[rows], dim=-1)).mean()
+                   for i, projection in enumerate(projections))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    with torch.no_grad():
+        return {e: float(nn.functional.cosine_similarity(projection(means[:, i]), target, dim=-1).mean())
+                for i, (e, projection) in enumerate(zip(early, projections, strict=True))}
+
+
 def trainable_modules(model: LayerwiseReranker, train_final: bool = False) -> nn.ModuleDict:
     """Projection, head and compensation of every exit but the final one (and, with ``train_final``, the final
     exit's projection and head; its compensation stays the identity)."""
@@ -263,7 +298,7 @@ def train(args: SegmentHeadArguments) -> Path:
     torch.manual_seed(args.seed)
     model = LayerwiseReranker.build(args.base_model, exits=args.exits, max_length=args.max_length,
                                     query_length=args.query_length, readout="cosine", attention="segments",
-                                    seed=args.seed)
+                                    seed=args.seed, projection_hidden=args.projection_hidden)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -272,6 +307,9 @@ def train(args: SegmentHeadArguments) -> Path:
     if args.projection_init == "regression":
         logger.info("regression init of the projections, R^2 per exit: %s",
                     regression_projections(model, data, args.ridge))
+    if args.prefit_steps and not args.resume:
+        logger.info("projection prefit, mean cosine to the final-layer mean per exit: %s",
+                    prefit_projections(model, data, args))
     train_final = args.final_label_weight > 0
     anchor = copy.deepcopy(model) if train_final else None
     modules = trainable_modules(model, train_final)
