@@ -38,6 +38,8 @@ class Row:
 
 def parse(argv: list[str]) -> argparse.Namespace:
 
+    from benchmarks.bench_worker import add_data_root_argument
+
     p = argparse.ArgumentParser(prog="python benchmarks/rerank_benchmark.py", description=__doc__)
     p.add_argument("--model", type=Path, default=REPO / "plugin" / "default_model", help="exported model folder")
     p.add_argument("--checkpoint", type=Path, default=None, help="training checkpoint for (a) PyTorch fp32")
@@ -52,6 +54,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--work", type=Path, default=REPO / "runs" / "work")
+    add_data_root_argument(p)
     p.add_argument("--results", type=Path, default=REPO / "runs" / "benchmark")
     p.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "ndcg_vs_cost.png")
     p.add_argument("--recorded", type=Path, nargs="+", default=[],
@@ -242,9 +245,10 @@ def frontier(points: list[dict], full: float) -> list[str]:
 
 
 def run_benchmark(argv: list[str]) -> int:
-    from benchmarks.bench_worker import dataset_dir
+    from benchmarks.bench_worker import DATA_ROOTS, dataset_dir, set_data_roots
 
     args = parse(argv)
+    set_data_roots(args.data_root)
     args.results.mkdir(parents=True, exist_ok=True)
     out = Path(tempfile.mkdtemp(prefix="bench-", dir=args.results))
     command = "python benchmarks/rerank_benchmark.py " + shlex.join(argv)
@@ -257,7 +261,8 @@ def run_benchmark(argv: list[str]) -> int:
     for name in args.datasets:
         data = dataset_dir(name)
         if data is None:
-            logger.warning("skipping %s: not found in data/ or ../shared/data", name)
+            logger.warning("skipping %s: not found in data/ or under %s (--data-root)", name,
+                           ", ".join(str(r) for r in DATA_ROOTS))
             continue
         rows, curve, context = quality(name, data, args, out)
         curves[name] = curve

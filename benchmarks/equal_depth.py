@@ -262,6 +262,8 @@ def gemm_peak(threads: int, size: int = 2048, repeats: int = 5) -> dict[str, flo
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
+    from benchmarks.bench_worker import add_data_root_argument
+
     p = argparse.ArgumentParser(description="early exit at equal rerank depth, side by side (issue 18)")
     p.add_argument("--model", type=Path, default=REPO / "plugin" / "default_model", help="segment-encoded model")
     p.add_argument("--pair-model", type=Path, default=None, help="the same checkpoint, pair-encoded (optional)")
@@ -281,20 +283,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--skip", nargs="*", default=[], help="timing configurations to leave out")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "work")
+    add_data_root_argument(p)
     p.add_argument("--output", type=Path, default=None, help="write the markdown report here")
     return p.parse_args(argv)
 
 
 def quality(name: str, args: argparse.Namespace) -> tuple[list[str], dict]:
     """Recorded exit scores of every test query; full depth, fixed exits, the topk frontier, all at depth hits."""
-    from benchmarks.bench_worker import dataset_dir, evaluate_run
+    from benchmarks.bench_worker import evaluate_run, require_dataset
     from matryoshka.io import read_run
     from matryoshka.pipeline import bm25_search, prepare_beir, trec_eval
     from matryoshka.plugin.cascade import Cascade
     from matryoshka.plugin.policies import make_policy
     from matryoshka.plugin.tuning import Recorded, record_run
 
-    prepared = prepare_beir(dataset_dir(name), "test", args.work)
+    prepared = prepare_beir(require_dataset(name), "test", args.work)
     bm25_path = bm25_search(prepared.index_dir, prepared.topics, args.work / f"bm25-{name}-test-{args.hits}.txt",
                             hits=args.hits)
     bm25 = read_run(bm25_path)
@@ -407,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         worker(config, parse(rest), Path(cache), Path(out))
         return 0
     args = parse(argv)
+    from benchmarks.bench_worker import set_data_roots
+
+    set_data_roots(args.data_root)
     args.argv = argv
     args.work.mkdir(parents=True, exist_ok=True)
     peaks = gemm_peak(args.threads)

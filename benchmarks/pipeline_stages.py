@@ -21,7 +21,6 @@ from matryoshka.io import atomic_write
 from matryoshka.training.dense.config import DenseConfig
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "data"
 logger = logging.getLogger("dense_pipeline")
 
 
@@ -46,10 +45,9 @@ def digest(path: Path, n: int = 8) -> str:
 
 
 def dataset_dir(name: str) -> Path:
-    for candidate in (Path(name), REPO / "data" / name, SHARED / name):
-        if (candidate / "corpus.jsonl").is_file():
-            return candidate
-    raise SystemExit(f"dataset {name!r}: no BEIR folder with corpus.jsonl found (pass a path)")
+    from benchmarks.bench_worker import require_dataset
+
+    return require_dataset(name)
 
 
 @dataclass(frozen=True)

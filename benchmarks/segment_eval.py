@@ -28,7 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_worker import dataset_dir  # noqa: E402
+from benchmarks.bench_worker import add_data_root_argument, require_dataset, set_data_roots  # noqa: E402
 from matryoshka.errors import OptionError, cli_main  # noqa: E402
 
 Scores = dict[str, dict[str, float]]
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight", type=float, default=0.3, help="plugin fusion first-stage weight")
     parser.add_argument("--fusion", nargs="+", default=["z", "minmax"], help="plugin fusion normalisations")
     parser.add_argument("--work", default="runs/work", help="Pyserini index/topics/run folder")
+    add_data_root_argument(parser)
     parser.add_argument("--cache", default="runs/work/segment-cache", help="segment-means cache folder")
     parser.add_argument("--output", required=True, help="markdown table to write")
     parser.add_argument("--manifest", default=None, help="an exported model folder: replay its tuned cascade (policy,"
@@ -77,9 +78,7 @@ def bm25_hits(name: str, split: str, depth: int, work: Path):
     from matryoshka.io import read_run
     from matryoshka.pipeline import bm25_search, prepare_beir
 
-    folder = dataset_dir(name)
-    if folder is None:
-        raise SystemExit(f"error: dataset {name!r} not found under data/, ../shared/data or ../shared/data/classic")
+    folder = require_dataset(name)
     prepared = prepare_beir(folder, split, work)
     run = work / "runs" / f"segment-eval-{name}-{split}-bm25-{depth}.txt"
     if not run.is_file():
@@ -219,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    set_data_roots(args.data_root)
     if args.cascades and not args.manifest:
         raise OptionError("cascades", " ".join(args.cascades), "a --manifest too (its exits and fusion are used)")
     for text in args.cascades:

@@ -81,3 +81,23 @@ def test_frontier_keeps_only_points_no_cheaper_point_matches() -> None:
     rows = frontier(points, full=0.31)
     assert [r.split(" | ")[0] for r in rows] == ["| candidate", "| candidate", "| topk"]
     assert "| 20 |" in rows[0] and "| all |" in rows[1] and "100.0%" in rows[2]
+
+
+def test_datasets_are_found_under_data_roots_or_refused_in_one_line(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import bench_worker, segment_eval
+
+    monkeypatch.setattr(bench_worker, "DATA_ROOTS", list(bench_worker.DATA_ROOTS))
+    (tmp_path / "classic" / "tiny").mkdir(parents=True)
+    (tmp_path / "classic" / "tiny" / "corpus.jsonl").write_text('{"_id": "d", "text": "t"}\n')
+    with pytest.raises(SystemExit, match=r"--data-root .*nowhere is not a folder"):
+        bench_worker.set_data_roots([tmp_path / "nowhere"])
+    bench_worker.set_data_roots([tmp_path])
+    assert bench_worker.dataset_dir("tiny") == tmp_path / "classic" / "tiny"
+    assert bench_worker.dataset_dir("scifact-mini") == REPO / "data" / "scifact-mini"   # data/ comes first
+    with pytest.raises(SystemExit) as missing:
+        segment_eval.main(["--encoder", "x", "--datasets", "absent", "--data-root", str(tmp_path),
+                           "--output", str(tmp_path / "out.md"), "--work", str(tmp_path / "work")])
+    message = str(missing.value)
+    assert "'absent' not found" in message and str(tmp_path) in message and "--data-root" in message
+    assert "\n" not in message and not (tmp_path / "out.md").exists()
