@@ -18,7 +18,7 @@ import torch
 
 from matryoshka.errors import MissingInputError
 from matryoshka.layout import PairLayout, prepare_tokenizer
-from matryoshka.training.data import Group, TrainingDataError
+from matryoshka.training.data import Group, TrainingDataError, group_size_of
 
 
 def load_tokenizer(model_dir: str | os.PathLike[str]) -> Any:
@@ -39,12 +39,7 @@ class GroupCollator:
         self.tokenizer = prepare_tokenizer(tokenizer)
 
     def __call__(self, groups: Sequence[Group]) -> dict[str, Any]:
-        if not groups:
-            raise TrainingDataError("cannot collate an empty list of groups")
-        size = len(groups[0].passages)
-        if any(len(g.passages) != size for g in groups):
-            raise TrainingDataError(f"groups of different sizes {sorted({len(g.passages) for g in groups})}: "
-                                    "expected one group size per batch")
+        size = group_size_of(groups)
         queries = [g.query for g in groups for _ in range(size)]
         passages = [p for g in groups for p in g.passages]
         encoded = self.layout.encode(self.tokenizer, queries, passages)

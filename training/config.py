@@ -22,7 +22,7 @@ from typing import Any
 
 from matryoshka.checks import is_int
 from matryoshka.errors import DataFormatError, ModelConfigError
-from matryoshka.io import atomic_write
+from matryoshka.io.jsonfile import write_json_object
 from matryoshka.layout import Compression, PairLayout, lcm_of
 
 CONFIG_FILE = "matryoshka_config.json"
@@ -211,11 +211,7 @@ class RerankerConfig:
                                   "re-save the model with LayerwiseReranker.save") from None
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
-        path = Path(folder) / CONFIG_FILE
-        with atomic_write(path) as handle:
-            json.dump(self.to_dict(), handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        return path
+        return write_json_object(Path(folder) / CONFIG_FILE, self.to_dict())
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> RerankerConfig:

@@ -247,6 +247,17 @@ class Group:
     source: int = 0  # index of the training set the query comes from
 
 
+def group_size_of(groups: Sequence[Group]) -> int:
+    """The one group size of a batch; an empty batch or mixed sizes raise :class:`TrainingDataError`."""
+    if not groups:
+        raise TrainingDataError("cannot collate an empty list of groups")
+    size = len(groups[0].passages)
+    if any(len(g.passages) != size for g in groups):
+        raise TrainingDataError(f"groups of different sizes {sorted({len(g.passages) for g in groups})}: "
+                                "expected one group size per batch")
+    return size
+
+
 class GroupSampler:
     """Seeded groups of one positive + ``group_size - 1`` negatives per query, one list per epoch.
 

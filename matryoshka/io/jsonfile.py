@@ -1,4 +1,5 @@
-"""Reading a JSON object file (a config, a manifest, an index description) with errors that name the file."""
+"""Reading a JSON object file (a config, a manifest, an index description) with errors that name the file, and
+writing one atomically."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from matryoshka.errors import DataFormatError, MissingInputError
+from matryoshka.io.atomic import atomic_write
+
+
+def write_json_object(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
+    """Write ``data`` to ``path`` atomically (indented, sorted keys, trailing newline); returns the path."""
+    with atomic_write(path) as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    return Path(path)
 
 
 def read_json_object(path: str | os.PathLike[str], what: str, fix: str = "") -> dict[str, Any]:

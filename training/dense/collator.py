@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from matryoshka.training.data import Group, TrainingDataError, TrainingSet
+from matryoshka.training.data import Group, TrainingDataError, TrainingSet, group_size_of
 from matryoshka.training.dense.modeling import BiEncoder
 
 
@@ -41,12 +41,7 @@ class DenseCollator:
         self.model, self.positives = model, positives or {}
 
     def __call__(self, groups: Sequence[Group]) -> dict[str, Any]:
-        if not groups:
-            raise TrainingDataError("cannot collate an empty list of groups")
-        size = len(groups[0].passages)
-        if any(len(g.passages) != size for g in groups):
-            raise TrainingDataError(f"groups of different sizes {sorted({len(g.passages) for g in groups})}: "
-                                    "expected one group size per batch")
+        size = group_size_of(groups)
         config = self.model.config
         batch: dict[str, Any] = {
             "query": self.model.tokenize([config.query_text(g.query) for g in groups], "query"),

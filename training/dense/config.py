@@ -17,7 +17,6 @@ texts Pyserini encodes at search time:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from enum import Enum, StrEnum
@@ -26,8 +25,7 @@ from typing import Any
 
 from matryoshka.checks import is_int
 from matryoshka.errors import DataFormatError, MatryoshkaError, MissingInputError
-from matryoshka.io import atomic_write
-from matryoshka.io.jsonfile import read_json_object
+from matryoshka.io.jsonfile import read_json_object, write_json_object
 
 DENSE_CONFIG_FILE = "dense_config.json"
 #: subfolder of a dense model that holds its frozen passage encoder (``corpus`` mode), a plain Hugging Face folder
@@ -162,11 +160,7 @@ class DenseConfig:
             raise DataFormatError(source, None, str(err)) from None
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
-        path = Path(folder) / DENSE_CONFIG_FILE
-        with atomic_write(path) as handle:
-            json.dump(self.to_dict(), handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        return path
+        return write_json_object(Path(folder) / DENSE_CONFIG_FILE, self.to_dict())
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> DenseConfig:
