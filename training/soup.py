@@ -16,7 +16,6 @@ CLI::
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ from torch import Tensor
 
 from matryoshka.checks import is_int
 from matryoshka.errors import ModelConfigError, OptionError, cli_main
-from matryoshka.io import atomic_write
+from matryoshka.io.jsonfile import write_json_object
 
 #: configuration fields a soup may take from ``tuned`` although they differ from ``base`` (measured, not built)
 MEASURED_FIELDS = ("compensation", "versions")
@@ -120,8 +119,7 @@ def make_soups(args: SoupArguments) -> list[Path]:
     record = {"base": str(Path(args.base).resolve()), "tuned": str(Path(args.tuned).resolve()),
               "formula": "base + L * (tuned - base)", "residual_set": str(Path(args.residual_set).resolve()),
               "soups": {soup_folder_name(w): w for w in args.weights}, "arguments": asdict(args)}
-    with atomic_write(out / "soups.json") as handle:
-        handle.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_json_object(out / "soups.json", record)
     return targets
 
 
