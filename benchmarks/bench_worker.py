@@ -23,6 +23,17 @@ ENTRY_POINT = REPO / "benchmarks" / "rerank_benchmark.py"  # runs ``_worker`` in
 logger = logging.getLogger("benchmark")
 
 
+def publish(path: str | Path, text: str) -> int:
+    """Write a benchmark report atomically to ``path`` (its folder created) and print it; returns exit status 0."""
+    from matryoshka.io import atomic_write
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as handle:
+        handle.write(text)
+    print(text)
+    return 0
+
+
 def add_data_root_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", type=Path, action="append", metavar="DIR",
                         help="folder holding datasets by name (<DIR>/<name> or <DIR>/classic/<name>), searched after "

@@ -219,12 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections.append((f"{label} top {args.depth}, {data.name} {args.split}",
                          {n: len(q) for n, q in subsets.items()}, rows, by_depth))
     command = shlex.join(["python", "benchmarks/cascade_gain.py", *(argv if argv is not None else sys.argv[1:])])
-    report = render(sections, command)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(args.output) as handle:
-        handle.write(report)
-    print(report)
-    return 0
+    from benchmarks.bench_worker import publish
+
+    return publish(args.output, render(sections, command))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_worker import add_data_root_argument, require_dataset, set_data_roots  # noqa: E402
+from benchmarks.bench_worker import add_data_root_argument, publish, require_dataset, set_data_roots  # noqa: E402
 from matryoshka.errors import OptionError, cli_main  # noqa: E402
 
 Scores = dict[str, dict[str, float]]
@@ -214,7 +214,6 @@ def table(results: Mapping[str, Sequence[tuple[str, float]]], command: str) -> s
 
 @cli_main
 def main(argv: Sequence[str] | None = None) -> int:
-    from matryoshka.io import atomic_write
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -225,11 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parse_cascade(text)
     results = {name: rows_for(name, args) for name in args.datasets}
     command = "python benchmarks/segment_eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = table(results, command)
-    with atomic_write(args.output) as handle:
-        handle.write(text)
-    print(text)
-    return 0
+    return publish(args.output, table(results, command))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from matryoshka.io import atomic_write, read_run, read_topics  # noqa: E402
+from matryoshka.io import read_run, read_topics  # noqa: E402
 
 
 def capture(model: Path, run_path: Path, topics_path: Path, corpus_path: Path, queries: int,
@@ -120,12 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows = sum(f[names[0]].shape[0] for f in timed)
                 lines.append(f"| {stage} | {name} | {len(timed)} | {rows / seconds:.1f} | {np.abs(diff).max():.3f} | "
                              f"{diff.std() / reference.std():.3f} |")
-    text = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(args.output) as handle:
-        handle.write(text)
-    print(text)
-    return 0
+    from benchmarks.bench_worker import publish
+
+    return publish(args.output, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
