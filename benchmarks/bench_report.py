@@ -37,7 +37,6 @@ class Row:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-
     from benchmarks.bench_worker import add_data_root_argument
 
     p = argparse.ArgumentParser(prog="python benchmarks/rerank_benchmark.py", description=__doc__)

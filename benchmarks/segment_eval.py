@@ -214,7 +214,6 @@ def table(results: Mapping[str, Sequence[tuple[str, float]]], command: str) -> s
 
 @cli_main
 def main(argv: Sequence[str] | None = None) -> int:
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     set_data_roots(args.data_root)

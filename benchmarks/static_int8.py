@@ -12,7 +12,6 @@ feeds in one process. Writes a markdown table to ``--output``::
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import tempfile
@@ -24,7 +23,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from matryoshka.errors import OptionError, cli_main  # noqa: E402
 from matryoshka.io import read_run, read_topics  # noqa: E402
+from matryoshka.io.beir import load_corpus  # noqa: E402
 
 
 def capture(model: Path, run_path: Path, topics_path: Path, corpus_path: Path, queries: int,
@@ -33,12 +34,15 @@ def capture(model: Path, run_path: Path, topics_path: Path, corpus_path: Path, q
     from matryoshka.plugin.cascade import Cascade
     from matryoshka.plugin.policies import make_policy
 
-    corpus = {}
-    with corpus_path.open(encoding="utf-8") as handle:
-        for line in handle:
-            record = json.loads(line)
-            corpus[record["_id"]] = f"{record.get('title', '')} {record['text']}".strip()
-    topics, run = read_topics(topics_path), read_run(run_path).queries
+    corpus, topics = load_corpus(corpus_path), read_topics(topics_path)
+    chosen = list(read_run(run_path).queries.items())[:queries]
+    run = {qid: [entry.docid for entry in entries] for qid, entries in chosen}
+    missing_query = next((qid for qid in run if qid not in topics), None)
+    if missing_query is not None:
+        raise OptionError("--topics", str(topics_path), f"a topic for every run query (no {missing_query!r})")
+    missing_doc = next((d for docs in run.values() for d in docs if d not in corpus), None)
+    if missing_doc is not None:
+        raise OptionError("--corpus", str(corpus_path), f"every docid of the run (no {missing_doc!r})")
     captured: dict[str, list[dict[str, np.ndarray]]] = {}
     original = stage_session.StageSession.run
 
@@ -50,14 +54,15 @@ def capture(model: Path, run_path: Path, topics_path: Path, corpus_path: Path, q
     policy = make_policy("fixed", None, cascade.exits, 0.9, exit_layer=cascade.exits[-1])
     stage_session.StageSession.run = recording
     try:
-        for qid in list(run)[:queries]:
-            docs = [entry.docid for entry in run[qid]]
-            cascade.run([topics[qid]] * len(docs), [corpus[d] for d in docs], policy, np.zeros(len(docs), int))
+        for qid, docs in run.items():
+            cascade.run([topics[qid]] * len(docs), [corpus[d].contents for d in docs], policy,
+                        np.zeros(len(docs), int))
     finally:
         stage_session.StageSession.run = original
     return captured
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     from onnxruntime.quantization import (
@@ -78,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", type=Path, required=True)
     args = p.parse_args(argv)
+    for name in ("queries", "calibration"):
+        if getattr(args, name) < 1:
+            raise OptionError(f"--{name}", getattr(args, name), "an integer >= 1")
     captured = capture(args.model, args.run, args.topics, args.corpus, args.queries, args.threads)
 
     class Reader(CalibrationDataReader):
@@ -102,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                      .get_inputs()]
             feeds = [{n: f[n] for n in names} for f in captured[stage]]
             calibration, timed = feeds[:args.calibration], feeds[args.calibration:]
+            if not timed:
+                raise OptionError("--calibration", args.calibration, f"fewer than the {len(feeds)} calls of {stage} "
+                                  "(the rest are timed): lower it or raise --queries")
             static = Path(tmp) / stage
             quantize_static(str(fp32), str(static), Reader(calibration), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
