@@ -110,10 +110,14 @@ def make_soups(args: SoupArguments) -> list[Path]:
         raise FileExistsError(f"{existing[0]} exists: pass --overwrite to replace it, or choose another --output_dir")
     base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
     tuned_state = {k: v.detach().clone() for k, v in tuned.state_dict().items()}   # tuned is reused below
+    # the segment means depend on the backbone only: with one backbone (the segment-heads case) encode them once
+    same_backbone = all(torch.equal(b, tuned_state[k]) for k, b in base_state.items() if k.startswith("backbone."))
+    data = None
     for weight, target in zip(args.weights, targets, strict=True):
         tuned.load_state_dict(interpolate_states(base_state, tuned_state, weight), strict=True)
         tuned.eval()
-        data = encode_sets(SegmentCache(tuned, args.cache or None), [residual_set])
+        if data is None or not same_backbone:
+            data = encode_sets(SegmentCache(tuned, args.cache or None), [residual_set])
         measure_cached_residuals(tuned, data, args.group_size)
         tuned.save(target, overwrite=args.overwrite)
     record = {"base": str(Path(args.base).resolve()), "tuned": str(Path(args.tuned).resolve()),
