@@ -100,6 +100,7 @@ def build_manifest(folder: Path, model: LayerwiseReranker, checkpoint: Path, sta
         policy=PolicySpec(),
         full_graph=full_entry,
         encoding=encoding,
+        query_exit=config.query_exit,
     )
     path = write_manifest(folder, manifest)
     logger.info("wrote %s (%d stages, precisions %s, default %s)", path, len(stage_entries), list(reports), default)

@@ -232,6 +232,10 @@ def _check_encoding(model: LayerwiseReranker, options: ExportOptions) -> None:
                           f"no inference compression; got attention={config.attention!r}, readout="
                           f"{config.readout!r}, compression={config.inference_compression}; export it with "
                           "--encoding pair")
+    if options.encoding == "pair" and config.query_exit != "same":
+        raise ExportError(f"--encoding pair cannot export a checkpoint with query_exit={config.query_exit!r}: its "
+                          "early exits read the query's final-layer embedding, which a pair stage does not have; "
+                          "export it with --encoding segments")
 
 
 def _torch_version() -> str:

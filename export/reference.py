@@ -98,7 +98,8 @@ def query_embedding_key(stage_index: int) -> str:
 def segment_batch(model: LayerwiseReranker, pairs: Batch) -> Batch:
     """A pair batch (:func:`make_batch`) recast for ``encoding="segments"`` graphs: the passage segments (segment
     B's columns, trimmed to the longest) as ``input_ids``/``attention_mask``/``position_ids``, and per stage k the
-    PyTorch embedding at exit k of each row's query segment (:func:`query_embedding_key`)."""
+    PyTorch query embedding stage k reads (:func:`query_embedding_key`): the query segment's at exit k, or at the
+    final exit with ``query_exit="final"``."""
     split = model.layout.query_length
     mask = pairs["attention_mask"][:, split:]
     width = max(int(mask.sum(axis=1).max()), 1)
@@ -107,8 +108,9 @@ def segment_batch(model: LayerwiseReranker, pairs: Batch) -> Batch:
              "position_ids": np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape).copy()}
     query = {k: torch.from_numpy(np.ascontiguousarray(pairs[k][:, :split])) for k in ("input_ids", "attention_mask")}
     means = model.encode_segment(query["input_ids"], query["attention_mask"])
-    for k, exit_layer in enumerate(model.config.exits):
-        batch[query_embedding_key(k)] = means[exit_layer].numpy()
+    stacked = torch.stack([means[e] for e in model.config.exits], dim=-2)     # [B, E, H]
+    for k in range(len(model.config.exits)):
+        batch[query_embedding_key(k)] = model.exit_query(stacked, k).numpy()
     return batch
 
 

@@ -27,6 +27,10 @@ import numpy as np
 from matryoshka.errors import ModelConfigError
 
 Family = Literal["encoder", "decoder"]
+#: segment-encoded (cosine readout) models: which query embedding an early exit scores a passage against, the
+#: query's at that same exit ("same") or at the final exit ("final"; a query is encoded once per call and a passage
+#: once per candidate, so the final query costs next to nothing). Read by the model config and the manifest.
+QUERY_EXITS = ("same", "final")
 DECODER_QUERY_PREFIX = "A: "
 DECODER_PASSAGE_PREFIX = "\nB: "
 DECODER_PROMPT = "\nPredict whether passage B contains an answer to query A."

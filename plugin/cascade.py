@@ -241,7 +241,9 @@ class Cascade:
 
 class _QueryStates:
     """Segment encoding: each distinct query of a call is encoded once per stage, and only while one of its
-    candidates is still alive; :meth:`embeddings` gives every candidate row its query's embedding at that stage."""
+    candidates is still alive; :meth:`embeddings` gives every candidate row its query's embedding at that stage.
+    With the manifest's ``query_exit="final"`` every query runs through all stages before the first one scores a
+    passage, and every stage is fed that final embedding."""
 
     def __init__(self, cascade: Cascade, queries: Sequence[str], q_ids: Sequence[Sequence[int]]) -> None:
         self.cascade = cascade
@@ -251,10 +253,19 @@ class _QueryStates:
         self.segments = [cascade.layout.query_segment(q_ids[first_row[i]]) for i in range(len(index))]
         self.current = np.zeros((len(index), cascade.manifest.model.hidden_size), dtype=np.float32)
         self.produced: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        self.final = cascade.manifest.query_exit == "final"
 
     def advance(self, k: int, alive: np.ndarray) -> None:
-        """Run stage ``k`` on the queries of the ``alive`` candidates (a query's own score is not used)."""
+        """Make the query embeddings stage ``k`` reads current for the queries of the ``alive`` candidates."""
         wanted = np.unique(self.query_of[alive])
+        if not self.final:
+            self._run(k, wanted)
+        elif k == 0:
+            for stage in range(len(self.cascade.stages)):
+                self._run(stage, wanted)
+
+    def _run(self, k: int, wanted: np.ndarray) -> None:
+        """Run stage ``k`` on the queries ``wanted`` (a query's own score is not used)."""
         cascade = self.cascade
         if k == 0:
             pending = [_Batch(rows, cascade.layout.assemble_segments([self.segments[i] for i in rows]))

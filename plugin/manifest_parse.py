@@ -7,7 +7,7 @@ import math
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from matryoshka.layout import PairLayout
+from matryoshka.layout import QUERY_EXITS, PairLayout
 from matryoshka.plugin.fusion import FUSION_EXPECTED, NORMALIZATIONS
 from matryoshka.plugin.manifest_schema import (
     CALIBRATION_KINDS,
@@ -143,6 +143,10 @@ def manifest_from_dict(data: Any, source: PathLike = MANIFEST_NAME) -> Manifest:
         raise r.fail("encoding", f"expected one of {', '.join(STAGE_CONTRACTS)} or no field (pair), got {encoding!r}")
     if encoding == "segments" and model.family != "encoder":
         raise r.fail("encoding", f"'segments' is for encoders, got model.family {model.family!r}")
+    query_exit = r.get(data, "query_exit", "", str, optional=True, default="same")
+    if query_exit not in QUERY_EXITS or (query_exit != "same" and encoding != "segments"):
+        raise r.fail("query_exit", f"expected one of {', '.join(QUERY_EXITS)} or no field (same), and 'same' unless "
+                     f"encoding is 'segments'; got {query_exit!r} with encoding {encoding!r}")
     stages = tuple(_stage(r, raw, k, exits, encoding) for k, raw in enumerate(r.get(data, "stages", "", list)))
     if len(stages) != len(exits):
         raise r.fail("stages", f"expected {len(exits)} stages (one per exit {list(exits)}), got {len(stages)}")
@@ -186,7 +190,7 @@ def manifest_from_dict(data: Any, source: PathLike = MANIFEST_NAME) -> Manifest:
         raise r.fail("policy.first_stage_weight", f"expected a number in [0, 1] (the weight of the first-stage "
                      f"score; 0 = no fusion), got {policy.first_stage_weight!r}")
     return Manifest(producer, model, tokenizer, layout, exits, default_precision, stages, calibration, policy,
-                    full_graph, version, encoding)
+                    full_graph, version, encoding, query_exit)
 
 
 def _exits(r: _Reader, values: list[Any], num_layers: int) -> tuple[int, ...]:

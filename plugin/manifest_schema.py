@@ -170,6 +170,9 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     #: how stages read their input (see :data:`STAGE_CONTRACTS`); optional in the JSON, absent = ``"pair"``
     encoding: str = "pair"
+    #: segment encoding only (:data:`matryoshka.layout.QUERY_EXITS`): "final" = every stage is fed the query's
+    #: final-exit embedding (the runtime runs each query through all stages first); optional, absent = ``"same"``
+    query_exit: str = "same"
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -215,6 +218,8 @@ class Manifest:
         }
         if self.encoding != "pair":  # absent = "pair": pair manifests are written exactly as before the field
             data["encoding"] = self.encoding
+        if self.query_exit != "same":  # absent = "same": earlier manifests are written exactly as before the field
+            data["query_exit"] = self.query_exit
         return data
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from matryoshka.checks import is_int
 from matryoshka.errors import DataFormatError, ModelConfigError
 from matryoshka.io.jsonfile import write_json_object
-from matryoshka.layout import Compression, PairLayout, lcm_of
+from matryoshka.layout import QUERY_EXITS, Compression, PairLayout, lcm_of
 
 CONFIG_FILE = "matryoshka_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -83,6 +83,7 @@ class RerankerConfig:
     readout: str = "token"
     attention: str = "pair"
     projection_hidden: int = 0
+    query_exit: str = "same"
     compensation: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     config_version: int = CONFIG_VERSION
@@ -116,6 +117,9 @@ class RerankerConfig:
         if not is_int(self.projection_hidden, 0) or (self.projection_hidden and self.readout != "cosine"):
             raise ModelConfigError(f"projection_hidden={self.projection_hidden!r} is invalid: expected an integer "
                                    ">= 0, and 0 unless readout='cosine'")
+        if self.query_exit not in QUERY_EXITS or (self.query_exit != "same" and self.readout != "cosine"):
+            raise ModelConfigError(f"query_exit={self.query_exit!r} is invalid: expected one of {list(QUERY_EXITS)}, "
+                                   "and 'same' unless readout='cosine'")
         layout = self.pair_layout()
         if layout.family != self.family:
             raise ModelConfigError(f"layout family {layout.family!r} does not match model family {self.family!r}")

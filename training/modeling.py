@@ -119,7 +119,7 @@ class LayerwiseReranker(nn.Module):
               max_length: int = 256, query_length: int = 32,
               inference_compression: Compression | dict[str, int] | None = None, adapter_hidden: int = 64,
               gguf_file: str | None = None, seed: int = 0, name: str | None = None, readout: str = "token",
-              attention: str = "pair", projection_hidden: int = 0) -> LayerwiseReranker:
+              attention: str = "pair", projection_hidden: int = 0, query_exit: str = "same") -> LayerwiseReranker:
         """A new reranker on the base model in ``base_model_dir`` (HF folder, or a folder with one GGUF file).
 
         ``exits``: ascending 1-based layers ending at the last layer. When omitted: every layer from
@@ -128,7 +128,8 @@ class LayerwiseReranker(nn.Module):
         ``"token"`` ([CLS] / the last token) or, for encoders, ``"mean"`` (the masked mean of the pair's tokens:
         [CLS] barely depends on the pair in the first layers of a mean-pooled bi-encoder such as all-MiniLM-L6-v2)
         or ``"cosine"`` (with ``attention="segments"``: the model starts as the bi-encoder ``base_model_dir`` is;
-        ``projection_hidden``: width of the early exits' residual projection MLP, 0 = linear only).
+        ``projection_hidden``: width of the early exits' residual projection MLP, 0 = linear only; ``query_exit``:
+        ``"final"`` scores every exit's passage against the query's final-layer embedding).
         """
         from matryoshka.training.loading import default_exits, load_base
 
@@ -144,7 +145,7 @@ class LayerwiseReranker(nn.Module):
             compress_ratios=tuple(compress_ratios), compress_method=compress_method,
             inference_compression=inference_compression, yes_token_id=base.yes_token_id,
             adapter_hidden=adapter_hidden, readout=readout, attention=attention, projection_hidden=projection_hidden,
-            versions=package_versions())
+            query_exit=query_exit, versions=package_versions())
         if config.family == "decoder":
             window = getattr(base.hf_config, "sliding_window", None)
             if window is not None and max_length > int(window):
@@ -296,15 +297,27 @@ class LayerwiseReranker(nn.Module):
             return checkpoint(run, hidden, use_reentrant=False)
         return run(hidden)
 
-    def exit_hidden(self, state: State, exit_layer: int | None = None) -> Tensor:
+    def exit_hidden(self, state: State, exit_layer: int | None = None, final_query: Tensor | None = None) -> Tensor:
         """The ``[B, H]`` vector the head of ``exit_layer`` reads ([CLS], or the final norm of the last token; with
         readout ``"mean"`` the mean of the hidden states over ``attention_mask``; with ``"cosine"`` the element-wise
-        product of the two segments' projected, normalised means, whose sum is their cosine)."""
+        product of the two segments' projected, normalised means, whose sum is their cosine). With
+        ``query_exit="final"`` the query side is ``final_query``, the query segment's final-layer mean."""
         if self.config.readout == "mean":
             return _masked_mean(state.hidden_states, state.attention_mask)
         if self.config.readout == "cosine":
-            return self.cosine_features(*self.segment_means(state), exit_layer)
+            query, passage = self.segment_means(state)
+            if self.config.query_exit == "final":
+                if final_query is None:
+                    raise ModelConfigError("query_exit='final': the early exits need the query's final-layer mean "
+                                           "(final_query), e.g. from encode_segment of the query segment")
+                query = final_query
+            return self.cosine_features(query, passage, exit_layer)
         return self.adapter.exit_hidden(self.backbone, state.hidden_states)
+
+    def exit_query(self, query_means: Tensor, index: int) -> Tensor:
+        """From per-exit query means ``[..., E, H]`` (the order of ``config.exits``), the one exit number ``index``
+        scores against: that exit's own, or with ``query_exit="final"`` the final exit's."""
+        return query_means[..., -1 if self.config.query_exit == "final" else index, :]
 
     def segment_means(self, state: State) -> tuple[Tensor, Tensor]:
         """``(query, passage)`` ``[B, H]``: the masked mean of each segment's hidden states."""
@@ -345,17 +358,20 @@ class LayerwiseReranker(nn.Module):
 
     def segment_score(self, query_embedding: Tensor, passage_embedding: Tensor, exit_layer: int) -> Tensor:
         """The compensated ``[B]`` score of exit ``exit_layer`` from the two segments' embeddings at that exit
-        (:func:`segment_embedding`): equal to :meth:`exit_score` of the pair (readout ``"cosine"``)."""
+        (:func:`segment_embedding`; the query's at the final exit with ``query_exit="final"``): equal to the pair
+        forward's score of that exit (readout ``"cosine"``)."""
         return self.head_scores(self.cosine_features(query_embedding, passage_embedding, exit_layer), exit_layer)[1]
 
     def cosine_features(self, query_mean: Tensor, passage_mean: Tensor, exit_layer: int) -> Tensor:
-        """``normalize(P_l q) * normalize(P_l p)`` ``[B, H]`` (readout ``"cosine"``): what exit ``exit_layer``'s head
+        """``normalize(P_l q) * normalize(P_l p)`` ``[B, H]`` (readout ``"cosine"``; ``P_L q``, ``q`` the final-layer
+        query mean, with ``query_exit="final"``): what exit ``exit_layer``'s head
         and compensation read. Also used on cached segment means (:mod:`matryoshka.training.segment_heads`)."""
         if self.projections is None or str(exit_layer) not in self.projections:
             raise ModelConfigError(f"exit_layer={exit_layer} has no cosine projection: expected readout='cosine' "
                                    f"and one of the exits {list(self.config.exits)}")
         project = self.projections[str(exit_layer)]
-        query = nn.functional.normalize(project(query_mean), dim=-1)
+        query_side = self.projections[str(self.config.exits[-1])] if self.config.query_exit == "final" else project
+        query = nn.functional.normalize(query_side(query_mean), dim=-1)
         passage = nn.functional.normalize(project(passage_mean), dim=-1)
         return query * passage
 
@@ -378,11 +394,15 @@ class LayerwiseReranker(nn.Module):
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ModelConfigError(f"input_ids {tuple(input_ids.shape)} / attention_mask "
                                    f"{tuple(attention_mask.shape)} are invalid: expected two equal [batch, seq] shapes")
+        final_query = None
+        if self.config.query_exit == "final":
+            split = self.layout.query_length
+            final_query = self.encode_segment(input_ids[:, :split], attention_mask[:, :split])[self.config.exits[-1]]
         state = self.embed(input_ids, attention_mask, token_type_ids, position_ids)
         raws, calibrated, start = [], [], 0
         for exit_layer in self.config.exits:
             state = self.run_layers(state, start, exit_layer, compression)
-            raw, comp = self.head_scores(self.exit_hidden(state, exit_layer), exit_layer)
+            raw, comp = self.head_scores(self.exit_hidden(state, exit_layer, final_query), exit_layer)
             raws.append(raw)
             calibrated.append(comp)
             start = exit_layer

@@ -119,7 +119,8 @@ def exit_scores(model: LayerwiseReranker, query_means: torch.Tensor, passage_mea
     of the same leading shape (broadcast), exactly as the pair forward scores them."""
     rows = []
     for index, exit_layer in enumerate(model.config.exits):
-        features = model.cosine_features(query_means[..., index, :], passage_means[..., index, :], exit_layer)
+        features = model.cosine_features(model.exit_query(query_means, index), passage_means[..., index, :],
+                                         exit_layer)
         raw, compensated = model.head_scores(features, exit_layer)
         rows.append(compensated if calibrated else raw)
     return torch.stack(rows)

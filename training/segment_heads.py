@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from matryoshka.checks import is_int
 from matryoshka.errors import OptionError, cli_main
 from matryoshka.io import atomic_write
+from matryoshka.layout import QUERY_EXITS
 from matryoshka.training.data import TrainingSet, load_training_set
 from matryoshka.training.modeling import LayerwiseReranker
 from matryoshka.training.segment_cache import SegmentCache, exit_scores
@@ -94,6 +95,9 @@ class SegmentHeadArguments:
     prefit_steps: int = field(default=0, metadata={"help": "steps fitting the early exits' projections to the unit "
                                                            "final-layer mean (cosine loss, every cached text, no "
                                                            "labels) before the distillation; skipped on --resume"})
+    query_exit: str = field(default="same", metadata={"help": "query embedding each early exit scores against: "
+                                                          "'same' (the query at that exit) or 'final' (the query at "
+                                                          "the final exit: encoded once per query, next to free)"})
     ridge: float = field(default=1e-3, metadata={"help": "ridge of the regression init, relative to the mean "
                                                          "feature variance"})
     save_steps: int = field(default=500, metadata={"help": "checkpoint every this many steps (0 = only at the end)"})
@@ -116,6 +120,8 @@ class SegmentHeadArguments:
         for name in ("learning_rate", "temperature"):
             if not getattr(self, name) > 0:
                 raise OptionError(name, getattr(self, name), "a number > 0")
+        if self.query_exit not in QUERY_EXITS:
+            raise OptionError("query_exit", self.query_exit, f"one of {', '.join(QUERY_EXITS)}")
         if self.projection_init not in PROJECTION_INITS:
             raise OptionError("projection_init", self.projection_init, f"one of {', '.join(PROJECTION_INITS)}")
         for name in ("label_weight", "gap_weight", "ridge", "final_label_weight", "final_anchor_weight"):
@@ -190,8 +196,9 @@ def sample_batch(data: EncodedSet, args: SegmentHeadArguments, step: int) -> tup
 @torch.no_grad()
 def regression_projections(model: LayerwiseReranker, data: EncodedSet, ridge: float) -> dict[int, float]:
     """Set ``P_l`` of every early exit to ``argmin ||P_l x_l - normalize(x_L)||^2 + ridge * v * ||W_l||^2`` (affine;
-    ``v`` = mean feature variance of ``x_l``) over every cached query and passage mean; returns R^2 per exit."""
-    means = torch.cat([data.queries, data.passages]).double()          # [N, E, H]
+    ``v`` = mean feature variance of ``x_l``) over every cached query and passage mean (passages only with
+    ``query_exit="final"``, where ``P_l`` never sees a query); returns R^2 per exit."""
+    means = _projected_means(model, data).double()                      # [N, E, H]
     target = nn.functional.normalize(means[:, -1], dim=-1)
     target_centred = target - target.mean(0)
     out = {}
@@ -211,12 +218,18 @@ def regression_projections(model: LayerwiseReranker, data: EncodedSet, ridge: fl
     return out
 
 
+def _projected_means(model: LayerwiseReranker, data: EncodedSet) -> Tensor:
+    """The cached means an early exit's projection is applied to: queries and passages, or only passages when the
+    query side is the final exit's (``query_exit="final"``)."""
+    return data.passages if model.config.query_exit == "final" else torch.cat([data.queries, data.passages])
+
+
 def prefit_projections(model: LayerwiseReranker, data: EncodedSet, args: SegmentHeadArguments,
                        batch_size: int = 512) -> dict[int, float]:
     """Fit every early exit's projection ``P_l`` for ``args.prefit_steps`` AdamW steps to ``min 1 - cos(P_l x_l,
-    x_L)`` over random cached query and passage means (seeded by ``args.seed``); returns the mean cosine per exit
-    over every cached text afterwards."""
-    means = torch.cat([data.queries, data.passages])                     # [N, E, H]
+    x_L)`` over random cached means of the texts ``P_l`` projects (seeded by ``args.seed``); returns the mean cosine
+    per exit over every one of them afterwards."""
+    means = _projected_means(model, data)                                # [N, E, H]
     target = nn.functional.normalize(means[:, -1], dim=-1)
     early = list(model.config.exits[:-1])
     projections = [model.projections[str(e)] for e in early]
@@ -280,7 +293,7 @@ def step_loss(model: LayerwiseReranker, data: EncodedSet, batch: tuple[Tensor, T
         loss = distill
         if args.label_weight:
             loss = loss + args.label_weight * positive_ce(raw[index])
-        features = model.cosine_features(q[..., index, :], p[..., index, :], exit_layer).detach()
+        features = model.cosine_features(model.exit_query(q, index), p[..., index, :], exit_layer).detach()
         calibrated = model.compensation[str(exit_layer)](features, raw[index].detach())
         gap = gap_loss(calibrated, final)
         total = total + loss + args.gap_weight * gap
@@ -298,7 +311,8 @@ def train(args: SegmentHeadArguments) -> Path:
     torch.manual_seed(args.seed)
     model = LayerwiseReranker.build(args.base_model, exits=args.exits, max_length=args.max_length,
                                     query_length=args.query_length, readout="cosine", attention="segments",
-                                    seed=args.seed, projection_hidden=args.projection_hidden)
+                                    seed=args.seed, projection_hidden=args.projection_hidden,
+                                    query_exit=args.query_exit)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
