@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # The recipe of the bundled default model (plugin/default_model), end to end, on this 2-core CPU:
 #   BM25 candidates (Pyserini) -> all-MiniLM-L6-v2 with segment attention (its final exit IS the bi-encoder) ->
-#   early exits trained on cached segment means by self-distillation from the final exit -> ONNX export
+#   early exits that score a passage's early layer against the query's FINAL embedding, started at the closed-form
+#   regression onto the final passage embedding and trained on cached segment means by self-distillation from the
+#   final exit -> ONNX export
 #   (segment-encoded stages, fp32 + int8) ->
 #   policy, threshold and rerank depth tuned on NFCorpus dev, fused with BM25 as the training-free baseline is.
 # Measured here (2 threads, 2026-12-04, with light concurrent load): mining ~3 min, segment-means cache ~23 min
-# (17.5k passages, 11.8k queries), 3000 training steps ~6 min, export 15 s, tuning on 100 NFCorpus dev queries
-# ~11 min: about 45 minutes from nothing. No GPU needed.
+# (17.5k passages, 11.8k queries), 500 training steps ~1 min (after loading the cache), export 15 s, tuning on
+# 100 NFCorpus dev queries ~11 min: about 40 minutes from nothing. No GPU needed.
 #
 # usage: bash scripts/train_default_model.sh [OUT_DIR]      (default runs/recipe; the model folder is OUT_DIR/model)
 # env:   NFCORPUS=/path/to/nfcorpus (BEIR folder; not redistributable, default ../shared/data/nfcorpus)
-#        STEPS=3000 (segment-head training steps)   TUNE_QUERIES=100 (NFCorpus dev queries for tuning; 0 = all)
+#        STEPS=500 (segment-head training steps)   TUNE_QUERIES=100 (NFCorpus dev queries for tuning; 0 = all)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 OUT=${1:-runs/recipe}
-STEPS=${STEPS:-3000}
+STEPS=${STEPS:-500}
 TUNE_QUERIES=${TUNE_QUERIES:-100}
 NFCORPUS=${NFCORPUS:-$REPO/../shared/data/nfcorpus}
 PY=${PY:-$REPO/.venv/bin/python}
@@ -35,12 +37,15 @@ mine nfcorpus-titles --data_dir "$NFCORPUS" --split train --queries titles --dep
 
 # 2. the reranker: all-MiniLM-L6-v2 with query and passage each attending within itself (128-token query segment,
 #    256-token passage segment: the bi-encoder's own truncation), every layer an exit; backbone and final exit
-#    frozen (= the bi-encoder), exits 1-5 trained by KL to the final exit + the compensation gap; residual std on
-#    NFCorpus dev. Checkpoints every 500 steps: rerun with RESUME=--resume after a stop.
+#    frozen (= the bi-encoder); exit l scores P_l(passage at layer l) against the query's final embedding (a query is
+#    encoded once per call, so that costs next to nothing), P_l starting as the ridge map onto the final passage
+#    embedding; exits 1-5 trained by KL to the final exit + the compensation gap (500 steps: longer runs fit the
+#    training domains better and the classic collections worse, BENCHMARKS.md "Ablation"); residual std on NFCorpus
+#    dev. Checkpoints every 100 steps: rerun with RESUME=--resume after a stop.
 "$PY" -m matryoshka.training.segment_heads --base_model "$ENC" \
   --train_sets "$T/scifact-train" "$T/nfcorpus-train" "$T/scifact-titles" "$T/nfcorpus-titles" \
   --residual_set "$T/nfcorpus-dev" --exits 1 2 3 4 5 6 --max_length 384 --query_length 128 \
-  --max_steps "$STEPS" --output_dir "$OUT/heads" --final_model_dir "$OUT/heads/model" ${RESUME:-}
+  --query_exit final --projection_init regression --max_steps "$STEPS" --save_steps 100 --output_dir "$OUT/heads" --final_model_dir "$OUT/heads/model" ${RESUME:-}
 
 # 3. export: segment-encoded stages of the exits the cascade uses (each query encoded once per stage, passages
 #    alone: no padded query segment per pair), fp32 (the default: exactly the bi-encoder at the final exit, so full

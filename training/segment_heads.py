@@ -14,6 +14,9 @@ With ``final_label_weight > 0`` the final exit's projection and head train too, 
 listwise CE on the positive plus ``final_anchor_weight`` x ``KL(bi-encoder || final exit)`` (the frozen start as
 the anchor); the early exits then distil from the moving final exit (detached).
 
+With ``query_exit="final"`` exit ``l`` scores ``P_l`` of the passage's layer-``l`` mean against the query's final
+embedding (``P_L q_L``) instead of ``P_l q_l`` (a query is encoded once per call, so this costs next to nothing).
+
 With ``projection_init="regression"`` each ``P_l`` starts as the ridge least-squares affine map from layer ``l``'s
 segment mean to the unit final-layer mean, fitted in closed form on every cached training query and passage (no
 labels): exit ``l`` then starts as the cosine of the *predicted* bi-encoder embeddings instead of the cosine of the
