@@ -23,13 +23,12 @@ from matryoshka.export.pipeline import ExportOptions, export_checkpoint
 from matryoshka.plugin.cascade import Cascade
 from matryoshka.plugin.manifest import ManifestError, load_manifest
 from matryoshka.plugin.policies import make_policy
-from matryoshka.plugin.session import StageSession
 from matryoshka.training.config import ModelConfigError
 from matryoshka.training.modeling import LayerwiseReranker
 from matryoshka.training.segment_cache import SegmentCache, exit_scores
 from matryoshka.training.segment_heads import EncodedSet, main, regression_projections
 from tests.fixtures.tiny_models import make_tiny_base
-from tests.test_segment_encoding import texts
+from tests.test_segment_encoding import count_stage_calls, texts
 from tests.test_training_loop import make_training_data
 from tests.test_training_segments import run_args, weights
 
@@ -102,14 +101,7 @@ def test_stages_and_cascade_equal_pytorch(setup: dict[str, Path]) -> None:
 def test_queries_run_every_stage_before_the_first_passage(setup: dict[str, Path],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     cascade = Cascade(setup["segments"], precision="fp32", threads=1, batch_size=64)
-    calls: list[tuple[str, int]] = []
-    original = StageSession.run
-
-    def counting(self: StageSession, feeds: dict[str, np.ndarray], fetch: list[str] | None = None):
-        calls.append((self.path.name, len(next(iter(feeds.values())))))
-        return original(self, feeds, fetch)
-
-    monkeypatch.setattr(StageSession, "run", counting)
+    calls = count_stage_calls(monkeypatch)
     cascade.run(["a cat", "a cat", "blue fish"], ["the mat", "a dog", "red ocean"],
                 make_policy("fixed", None, cascade.exits, 0.9, exit_layer=1), np.array([0, 0, 1]))
     assert calls == [("stage_1.onnx", 2), ("stage_2.onnx", 2), ("stage_3.onnx", 2), ("stage_1.onnx", 3)]

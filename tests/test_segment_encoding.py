@@ -122,10 +122,8 @@ def test_a_call_with_several_queries_gives_each_its_own_scores(models: dict[str,
         np.testing.assert_allclose(together.scores, alone_scores, atol=1e-5)
 
 
-def test_queries_run_only_while_a_candidate_survives(models: dict[str, Path],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    queries, passages, groups = load_data(models)
-    cascade = Cascade(models["segments"], precision="fp32", threads=1, batch_size=64)
+def count_stage_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """From now on, every stage call appends ``(stage file name, rows)`` to the returned list."""
     calls: list[tuple[str, int]] = []
     original = StageSession.run
 
@@ -134,6 +132,14 @@ def test_queries_run_only_while_a_candidate_survives(models: dict[str, Path],
         return original(self, feeds, fetch)
 
     monkeypatch.setattr(StageSession, "run", counting)
+    return calls
+
+
+def test_queries_run_only_while_a_candidate_survives(models: dict[str, Path],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    queries, passages, groups = load_data(models)
+    cascade = Cascade(models["segments"], precision="fp32", threads=1, batch_size=64)
+    calls = count_stage_calls(monkeypatch)
     cascade.run(queries, passages, make_policy("fixed", None, cascade.exits, 0.9, exit_layer=1), groups)
     assert calls == [("stage_1.onnx", 3), ("stage_1.onnx", 27)]  # 3 queries once, 27 passages; no later stage
     calls.clear()
