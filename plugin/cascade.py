@@ -257,12 +257,11 @@ class _QueryStates:
 
     def advance(self, k: int, alive: np.ndarray) -> None:
         """Make the query embeddings stage ``k`` reads current for the queries of the ``alive`` candidates."""
+        if self.final and k > 0:
+            return                      # every stage ran on every query at k == 0
         wanted = np.unique(self.query_of[alive])
-        if not self.final:
-            self._run(k, wanted)
-        elif k == 0:
-            for stage in range(len(self.cascade.stages)):
-                self._run(stage, wanted)
+        for stage in range(len(self.cascade.stages)) if self.final else (k,):
+            self._run(stage, wanted)
 
     def _run(self, k: int, wanted: np.ndarray) -> None:
         """Run stage ``k`` on the queries ``wanted`` (a query's own score is not used)."""

@@ -394,18 +394,19 @@ class LayerwiseReranker(nn.Module):
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ModelConfigError(f"input_ids {tuple(input_ids.shape)} / attention_mask "
                                    f"{tuple(attention_mask.shape)} are invalid: expected two equal [batch, seq] shapes")
-        final_query = None
-        if self.config.query_exit == "final":
-            split = self.layout.query_length
-            final_query = self.encode_segment(input_ids[:, :split], attention_mask[:, :split])[self.config.exits[-1]]
         state = self.embed(input_ids, attention_mask, token_type_ids, position_ids)
-        raws, calibrated, start = [], [], 0
+        states, start = [], 0
         for exit_layer in self.config.exits:
             state = self.run_layers(state, start, exit_layer, compression)
-            raw, comp = self.head_scores(self.exit_hidden(state, exit_layer, final_query), exit_layer)
+            states.append(state)
+            start = exit_layer
+        # query_exit="final": the query segment's mean after the last layer, which this pass has just computed
+        final_query = self.segment_means(states[-1])[0] if self.config.query_exit == "final" else None
+        raws, calibrated = [], []
+        for exit_layer, exit_state in zip(self.config.exits, states, strict=True):
+            raw, comp = self.head_scores(self.exit_hidden(exit_state, exit_layer, final_query), exit_layer)
             raws.append(raw)
             calibrated.append(comp)
-            start = exit_layer
         return ExitScores(tuple(self.config.exits), torch.stack(raws), torch.stack(calibrated))
 
 

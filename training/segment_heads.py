@@ -123,10 +123,9 @@ class SegmentHeadArguments:
         for name in ("learning_rate", "temperature"):
             if not getattr(self, name) > 0:
                 raise OptionError(name, getattr(self, name), "a number > 0")
-        if self.query_exit not in QUERY_EXITS:
-            raise OptionError("query_exit", self.query_exit, f"one of {', '.join(QUERY_EXITS)}")
-        if self.projection_init not in PROJECTION_INITS:
-            raise OptionError("projection_init", self.projection_init, f"one of {', '.join(PROJECTION_INITS)}")
+        for name, choices in (("query_exit", QUERY_EXITS), ("projection_init", PROJECTION_INITS)):
+            if getattr(self, name) not in choices:
+                raise OptionError(name, getattr(self, name), f"one of {', '.join(choices)}")
         for name in ("label_weight", "gap_weight", "ridge", "final_label_weight", "final_anchor_weight"):
             if not getattr(self, name) >= 0:
                 raise OptionError(name, getattr(self, name), "a number >= 0")
