@@ -21,7 +21,8 @@ subprocess, per query as the CLI runs, one warm-up query, the median of ``--pass
 Per configuration: nDCG@10 on the timed queries, pairs/s, ms/query p50/p95, peak RSS, useful GOP/s (layer FLOPs of
 the unpadded tokens actually run, :func:`matryoshka.export.cost.layer_flops`) against this machine's GEMM peak
 measured here (onnxruntime MatMul fp32 and MatMulInteger u8s8, 2048^2), and the share of wall time spent outside
-the stage graphs (tokenizing, assembling, hand-off between stages). Writes a markdown report with the command.
+the stage graphs (tokenizing, assembling, hand-off between stages), of which the stage hand-off alone (re-batching
+the survivors' states, giving each batch its query's embedding). Writes a markdown report with the command.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def worker(config: str, args: argparse.Namespace, cache: Path, out: Path) -> Non
     tokenizer = prepare_tokenizer(Tokenizer.from_file(str(args.model / "tokenizer.json")))
     dims = ModelDims.from_hf_config(type("C", (), json.loads((args.base / "config.json").read_text()))())
     layers = manifest.model.num_layers
-    inside = [0.0]
+    inside, handoff = [0.0], [0.0]
     kind, _, rest = config.partition(":")
     if kind.startswith("hf-"):
         score = _plain_scorer(kind, args, layout, tokenizer)
@@ -126,6 +127,8 @@ def worker(config: str, args: argparse.Namespace, cache: Path, out: Path) -> Non
                 inside[0] += time.perf_counter() - start
 
         StageSession.run = timed_run
+        for owner, method in handoff_methods():
+            setattr(owner, method, _timed(getattr(owner, method), handoff))
 
         def flops(q: str, texts: list[str], exit_layers: np.ndarray) -> float:
             n_q = min(len(tokenizer.encode(q, add_special_tokens=False).ids), layout.query_budget) + 2
@@ -144,7 +147,7 @@ def worker(config: str, args: argparse.Namespace, cache: Path, out: Path) -> Non
     score(first["text"], first["passages"][:8], first["docids"][:8], first["first_stage"][:8])  # warm-up
     passes, results, exit_layers, total_flops = [], {}, [], 0.0
     for p in range(args.passes):
-        inside[0], seconds = 0.0, []
+        inside[0], handoff[0], seconds = 0.0, 0.0, []
         for qid, entry in queries.items():
             start = time.perf_counter()
             scores, layers_used = score(entry["text"], entry["passages"], entry["docids"], entry["first_stage"])
@@ -153,10 +156,29 @@ def worker(config: str, args: argparse.Namespace, cache: Path, out: Path) -> Non
                 results[qid] = dict(zip(entry["docids"], map(float, scores), strict=True))
                 exit_layers.extend(np.asarray(layers_used, float).tolist())
                 total_flops += flops(entry["text"], entry["passages"], np.asarray(layers_used))
-        passes.append({"seconds": seconds, "inside": inside[0]})
+        passes.append({"seconds": seconds, "inside": inside[0], "handoff": handoff[0]})
     peak = _peak_rss_mib()
     out.write_text(json.dumps({"run": results, "passes": passes, "layers": exit_layers, "flops": total_flops,
                                "peak_mib": peak}))
+
+
+def handoff_methods() -> tuple[tuple[type, str], ...]:
+    """The runtime's stage hand-off, as (class, method) pairs the timing worker wraps."""
+    from matryoshka.plugin.cascade import Cascade, _QueryStates
+
+    return (Cascade, "_survivors"), (_QueryStates, "embeddings")
+
+
+def _timed(function, total: list[float]):
+    """``function`` adding its wall time to ``total[0]`` (the stage hand-off: re-batching the survivors' states and
+    handing each batch its query's embedding)."""
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - start
+    return timed
 
 
 def _peak_rss_mib() -> float:
@@ -387,7 +409,7 @@ def timing(name: str, context: dict, args: argparse.Namespace, peaks: dict[str, 
              f"{args.threads} threads; median of {args.passes} passes after a warm-up; x = pairs/s over the fastest "
              f"plain export ({results[fastest][0] if fastest else '-'})\n",
              "| configuration | nDCG@10 | mean layers | pairs/s | x plain | ms/query p50 | p95 | peak RSS MiB | "
-             "GOP/s (% of peak) | outside graphs |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "GOP/s (% of peak) | outside graphs | hand-off |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for config, (label, res) in results.items():
         seconds = min(res["passes"], key=lambda p: abs(sum(p["seconds"]) - wall[config]))
         ms = np.asarray(seconds["seconds"]) * 1000
@@ -396,10 +418,11 @@ def timing(name: str, context: dict, args: argparse.Namespace, peaks: dict[str, 
         peak = peaks["int8" if "int8" in config else "fp32"]
         gops = res["flops"] / wall[config] / 1e9
         outside = "-" if config.startswith("hf-") else f"{1 - seconds['inside'] / sum(seconds['seconds']):.1%}"
+        handoff = "-" if config.startswith("hf-") else f"{seconds['handoff'] / sum(seconds['seconds']):.1%}"
         speed = f"{wall[fastest] / wall[config]:.2f}" if fastest else "-"
         lines.append(f"| {label} | {ndcg} | {np.mean(res['layers']):.2f} | {n_pairs / wall[config]:.1f} | {speed} | "
                      f"{np.percentile(ms, 50):.0f} | {np.percentile(ms, 95):.0f} | {res['peak_mib']:.0f} | "
-                     f"{gops:.0f} ({gops / peak:.0%}) | {outside} |")
+                     f"{gops:.0f} ({gops / peak:.0%}) | {outside} | {handoff} |")
     return lines
 
 
