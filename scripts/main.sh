@@ -4,8 +4,9 @@
 # cost table, and write the run file, its statistics and the nDCG@10-versus-cost plot under runs/pipeline/.
 #
 # Default depth: BM25 top-30 reranked (about 7 minutes on 2 CPU cores; the BM25 + cascade table after about 4, the
-# rest is the full-depth reference pass that the table and plot compare with). Extra arguments go to `python -m matryoshka pipeline` and win over these defaults,
-# e.g. `bash scripts/main.sh --hits 100` (about 40 minutes) or `--no-compare` (the cascade alone).
+# rest is the full-depth reference pass that the table and plot compare with). Extra arguments go to `python -m
+# matryoshka pipeline` and win over these defaults, e.g. `bash scripts/main.sh --hits 100` (about 40 minutes) or
+# `--no-compare` (the cascade alone).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$REPO"
