@@ -117,16 +117,7 @@ def worker(config: str, args: argparse.Namespace, cache: Path, out: Path) -> Non
                        for e in tokenizer.encode_batch(texts, add_special_tokens=False))
     else:
         score = _matryoshka_scorer(kind, rest, args)
-        original = StageSession.run
-
-        def timed_run(self, feeds, fetch=None):  # time inside the stage graphs, to get the share outside them
-            start = time.perf_counter()
-            try:
-                return original(self, feeds, fetch)
-            finally:
-                inside[0] += time.perf_counter() - start
-
-        StageSession.run = timed_run
+        StageSession.run = _timed(StageSession.run, inside)  # inside the stage graphs: the share outside them
         for owner, method in handoff_methods():
             setattr(owner, method, _timed(getattr(owner, method), handoff))
 
@@ -170,8 +161,7 @@ def handoff_methods() -> tuple[tuple[type, str], ...]:
 
 
 def _timed(function, total: list[float]):
-    """``function`` adding its wall time to ``total[0]`` (the stage hand-off: re-batching the survivors' states and
-    handing each batch its query's embedding)."""
+    """``function`` adding its wall time to ``total[0]`` on every call (the stage graphs' time, the hand-off's)."""
     def timed(*args, **kwargs):
         start = time.perf_counter()
         try:
